@@ -1,0 +1,80 @@
+//! The `weir` command line: argument parsing and dispatch to one module per command.
+//!
+//! Owns exit codes and how results are printed. Each command lives in its own module and talks
+//! to the library through its public API only.
+
+mod handler_test;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Exit codes the `weir` binary promises to scripts.
+pub mod exit {
+    /// Success (for `handler test`: the handler returned ok).
+    pub const OK: u8 = 0;
+    /// The handler returned an error (retryable or permanent).
+    pub const HANDLER_ERROR: u8 = 1;
+    /// Bad command-line usage (clap's convention).
+    pub const USAGE: u8 = 2;
+    /// The handler trapped or hit a sandbox limit (deadline, memory, stack, a refused effect).
+    pub const TRAP_OR_LIMIT: u8 = 3;
+    /// The file is not a valid Weir handler component.
+    pub const INVALID_COMPONENT: u8 = 4;
+    /// Anything else went wrong (unreadable file, bad runtime settings, …).
+    pub const FAILURE: u8 = 5;
+}
+
+/// Weir runs message handlers, compiled to WebAssembly components, against Kafka.
+#[derive(Debug, Parser)]
+#[command(name = "weir", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Work with handler components.
+    #[command(subcommand)]
+    Handler(HandlerCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum HandlerCommand {
+    /// Run one message through a handler component in the sandbox and show what it did.
+    ///
+    /// Nothing is sent anywhere: emits and state writes are printed, not applied. Exit code 0
+    /// when the handler returned ok, 1 on a handler error, 3 on a trap or sandbox limit, 4 when
+    /// the file is not a valid Weir handler.
+    Test(handler_test::TestArgs),
+}
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum OutputFormat {
+    /// For people.
+    #[default]
+    Human,
+    /// One JSON document, for tools.
+    Json,
+}
+
+/// Parse the command line, run the command, and return its exit code.
+pub fn main() -> ExitCode {
+    init_tracing();
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Handler(HandlerCommand::Test(args)) => handler_test::run(args),
+    };
+    ExitCode::from(code)
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

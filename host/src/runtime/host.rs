@@ -1,0 +1,491 @@
+//! The host side of the WIT contract: per-store state and the `emit`, `state`, `log` and
+//! `config` imports, plus the deny-by-default WASI context.
+//!
+//! Owns effect buffering and the per-invocation effect limits. Effects are only *recorded*
+//! here; whether they count is decided when the call returns (see `instance`). Knows nothing of
+//! Kafka, SQL or how effects are committed.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use wasmtime::component::ResourceTable;
+use wasmtime::{StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use super::RuntimeConfig;
+use super::bindings::weir::handler::{config, emit, log, state, types};
+use super::invocation::{
+    Effects, Emit, Header, InvocationContext, LogLevel, LogRecord, LogSource, StateWrite,
+};
+
+/// Longest state name accepted, in bytes.
+const MAX_STATE_NAME_BYTES: usize = 256;
+
+/// Per-store data: WASI context, resource limits, and the state of the current invocation.
+pub(crate) struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(crate) limits: StoreLimits,
+    pub(crate) stdout: GuestOutput,
+    pub(crate) stderr: GuestOutput,
+    pub(crate) call: CallState,
+    pub(crate) deadline: Instant,
+    config: Arc<RuntimeConfig>,
+}
+
+/// What one invocation has done so far.
+#[derive(Default)]
+pub(crate) struct CallState {
+    /// The current message's key (keyed state is scoped to it).
+    pub(crate) key: Option<Vec<u8>>,
+    /// The binding's side of the invocation; `None` between invocations.
+    pub(crate) context: Option<InvocationContext>,
+    pub(crate) effects: Effects,
+    emitted_bytes: u64,
+    /// This invocation's own state writes, so reads see them.
+    overlay: HashMap<String, Option<Vec<u8>>>,
+    /// The first effect the host refused; it fails the invocation.
+    pub(crate) refused: Option<String>,
+    pub(crate) logs: Vec<LogRecord>,
+    pub(crate) logs_dropped: u32,
+}
+
+impl HostState {
+    pub(crate) fn new(config: Arc<RuntimeConfig>) -> Self {
+        let line_cap = config.max_log_line_bytes as usize * (config.max_log_lines as usize).max(1);
+        let stdout = GuestOutput::new(line_cap);
+        let stderr = GuestOutput::new(line_cap);
+        // No preopened directories, no environment, no arguments, no network: the component may
+        // import WASI (other languages' toolchains always do) but gets no authority through it.
+        let wasi = WasiCtxBuilder::new()
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(config.memory_bytes as usize)
+            .table_elements(config.table_elements as usize)
+            .instances(config.instances as usize)
+            .tables(config.tables as usize)
+            .memories(config.memories as usize)
+            .trap_on_grow_failure(true)
+            .build();
+        Self {
+            wasi,
+            table: ResourceTable::new(),
+            limits,
+            stdout,
+            stderr,
+            call: CallState::default(),
+            deadline: Instant::now(),
+            config,
+        }
+    }
+
+    /// The runtime settings this store was made with.
+    pub(crate) fn config(&self) -> &RuntimeConfig {
+        &self.config
+    }
+
+    /// Prepare for an invocation of `key` under `context`.
+    pub(crate) fn begin(&mut self, key: Option<Vec<u8>>, context: InvocationContext) {
+        self.call = CallState {
+            key,
+            context: Some(context),
+            ..CallState::default()
+        };
+        self.stdout.clear();
+        self.stderr.clear();
+    }
+
+    /// End the invocation: take what it recorded, turning guest output into log lines.
+    pub(crate) fn finish(&mut self) -> CallState {
+        let mut call = std::mem::take(&mut self.call);
+        for (output, source, level) in [
+            (&self.stdout, LogSource::Stdout, LogLevel::Info),
+            (&self.stderr, LogSource::Stderr, LogLevel::Warn),
+        ] {
+            let (bytes, truncated) = output.take();
+            let text = String::from_utf8_lossy(&bytes);
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                push_log(
+                    &self.config,
+                    &mut call,
+                    level,
+                    source,
+                    line.to_owned(),
+                    Vec::new(),
+                );
+            }
+            if truncated {
+                call.logs_dropped += 1;
+            }
+        }
+        call
+    }
+
+    fn refuse(&mut self, what: String) -> String {
+        if self.call.refused.is_none() {
+            self.call.refused = Some(what.clone());
+        }
+        what
+    }
+}
+
+fn push_log(
+    config: &RuntimeConfig,
+    call: &mut CallState,
+    level: LogLevel,
+    source: LogSource,
+    mut message: String,
+    mut fields: Vec<(String, String)>,
+) {
+    if call.logs.len() >= config.max_log_lines as usize {
+        call.logs_dropped += 1;
+        return;
+    }
+    let cap = config.max_log_line_bytes as usize;
+    truncate(&mut message, cap);
+    let mut budget = cap.saturating_sub(message.len());
+    fields.retain_mut(|(name, value)| {
+        let need = name.len() + value.len();
+        if need <= budget {
+            budget -= need;
+            true
+        } else {
+            false
+        }
+    });
+    call.logs.push(LogRecord {
+        level,
+        source,
+        message,
+        fields,
+    });
+}
+
+fn truncate(text: &mut String, max: usize) {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl types::Host for HostState {}
+
+impl emit::Host for HostState {
+    fn send(
+        &mut self,
+        topic: String,
+        key: Option<Vec<u8>>,
+        payload: Vec<u8>,
+        headers: Vec<types::Header>,
+    ) -> Result<(), emit::EmitError> {
+        let config = &self.config;
+        let allowed = self
+            .call
+            .context
+            .as_ref()
+            .is_some_and(|c| c.output_topics.allows(&topic));
+        if !allowed {
+            let why = self.refuse(format!(
+                "emit to topic `{topic}` refused: not among the binding's output topics"
+            ));
+            return Err(emit::EmitError::TopicNotAllowed(why));
+        }
+        let size = (topic.len()
+            + key.as_ref().map_or(0, Vec::len)
+            + payload.len()
+            + headers
+                .iter()
+                .map(|h| h.key.len() + h.value.len())
+                .sum::<usize>()) as u64;
+        if size > config.max_emit_bytes {
+            let why = self.refuse(format!(
+                "emit to topic `{topic}` refused: {size} bytes exceeds the limit of {} bytes per message",
+                config.max_emit_bytes
+            ));
+            return Err(emit::EmitError::TooLarge(why));
+        }
+        if self.call.effects.emits.len() >= config.max_emits as usize {
+            let why = self.refuse(format!(
+                "emit refused: the invocation already emitted the maximum of {} messages",
+                config.max_emits
+            ));
+            return Err(emit::EmitError::LimitExceeded(why));
+        }
+        if self.call.emitted_bytes + size > config.max_emit_total_bytes {
+            let why = self.refuse(format!(
+                "emit refused: the invocation would emit more than the maximum of {} bytes",
+                config.max_emit_total_bytes
+            ));
+            return Err(emit::EmitError::LimitExceeded(why));
+        }
+        self.call.emitted_bytes += size;
+        let headers = headers
+            .into_iter()
+            .map(|h| Header {
+                key: h.key,
+                value: h.value,
+            })
+            .collect();
+        self.call.effects.emits.push(Emit {
+            topic,
+            key,
+            payload,
+            headers,
+        });
+        Ok(())
+    }
+}
+
+impl HostState {
+    fn check_state_name(&mut self, name: &str) -> Result<(), state::StateError> {
+        if name.len() > MAX_STATE_NAME_BYTES {
+            let why = format!(
+                "state name of {} bytes exceeds the limit of {MAX_STATE_NAME_BYTES} bytes",
+                name.len()
+            );
+            return Err(state::StateError::TooLarge(why));
+        }
+        Ok(())
+    }
+
+    fn write_state(
+        &mut self,
+        name: String,
+        value: Option<Vec<u8>>,
+    ) -> Result<(), state::StateError> {
+        if self.call.key.is_none() {
+            self.refuse(
+                "state write refused: the message has no key, so it has no keyed state".to_owned(),
+            );
+            return Err(state::StateError::NoKey);
+        }
+        if let Err(e) = self.check_state_name(&name) {
+            self.refuse(format!("state write refused: {e:?}"));
+            return Err(e);
+        }
+        if let Some(v) = &value
+            && v.len() as u64 > self.config.max_state_value_bytes
+        {
+            let why = self.refuse(format!(
+                "state write of `{name}` refused: {} bytes exceeds the limit of {} bytes",
+                v.len(),
+                self.config.max_state_value_bytes
+            ));
+            return Err(state::StateError::TooLarge(why));
+        }
+        if self.call.effects.state_writes.len() >= self.config.max_state_writes as usize {
+            let why = self.refuse(format!(
+                "state write refused: the invocation already made the maximum of {} writes",
+                self.config.max_state_writes
+            ));
+            return Err(state::StateError::LimitExceeded(why));
+        }
+        self.call.overlay.insert(name.clone(), value.clone());
+        self.call
+            .effects
+            .state_writes
+            .push(StateWrite { name, value });
+        Ok(())
+    }
+}
+
+impl state::Host for HostState {
+    async fn get(&mut self, name: String) -> Result<Option<Vec<u8>>, state::StateError> {
+        self.check_state_name(&name)?;
+        let Some(key) = self.call.key.clone() else {
+            return Err(state::StateError::NoKey);
+        };
+        if let Some(value) = self.call.overlay.get(&name) {
+            return Ok(value.clone());
+        }
+        let Some(source) = self.call.context.as_ref().map(|c| c.state.clone()) else {
+            return Err(state::StateError::Unavailable(
+                "no invocation in progress".to_owned(),
+            ));
+        };
+        source
+            .get(&key, &name)
+            .await
+            .map_err(state::StateError::Unavailable)
+    }
+
+    fn set(&mut self, name: String, value: Vec<u8>) -> Result<(), state::StateError> {
+        self.write_state(name, Some(value))
+    }
+
+    fn delete(&mut self, name: String) -> Result<(), state::StateError> {
+        self.write_state(name, None)
+    }
+}
+
+impl log::Host for HostState {
+    fn write(&mut self, level: log::Level, message: String, fields: Vec<log::Field>) {
+        let level = match level {
+            log::Level::Trace => LogLevel::Trace,
+            log::Level::Debug => LogLevel::Debug,
+            log::Level::Info => LogLevel::Info,
+            log::Level::Warn => LogLevel::Warn,
+            log::Level::Error => LogLevel::Error,
+        };
+        let fields = fields.into_iter().map(|f| (f.name, f.value)).collect();
+        push_log(
+            &self.config,
+            &mut self.call,
+            level,
+            LogSource::Log,
+            message,
+            fields,
+        );
+    }
+}
+
+impl config::Host for HostState {
+    fn get(&mut self, name: String) -> Option<String> {
+        self.call
+            .context
+            .as_ref()
+            .and_then(|c| c.config.get(&name).cloned())
+    }
+
+    fn all(&mut self) -> Vec<(String, String)> {
+        self.call
+            .context
+            .as_ref()
+            .map(|c| {
+                c.config
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// A guest's stdout or stderr: kept in memory up to a cap, then dropped (never an error the
+/// guest could trap on), and turned into log lines after each invocation.
+#[derive(Clone)]
+pub(crate) struct GuestOutput {
+    inner: Arc<Mutex<OutputBuf>>,
+}
+
+struct OutputBuf {
+    bytes: Vec<u8>,
+    cap: usize,
+    truncated: bool,
+}
+
+impl GuestOutput {
+    fn new(cap: usize) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(OutputBuf {
+                bytes: Vec::new(),
+                cap,
+                truncated: false,
+            })),
+        }
+    }
+
+    fn append(&self, data: &[u8]) {
+        let mut buf = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let room = buf.cap.saturating_sub(buf.bytes.len());
+        if data.len() > room {
+            buf.truncated = true;
+        }
+        let take = data.len().min(room);
+        buf.bytes.extend_from_slice(&data[..take]);
+    }
+
+    fn clear(&self) {
+        let mut buf = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        buf.bytes.clear();
+        buf.truncated = false;
+    }
+
+    fn take(&self) -> (Vec<u8>, bool) {
+        let mut buf = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let truncated = std::mem::take(&mut buf.truncated);
+        (std::mem::take(&mut buf.bytes), truncated)
+    }
+}
+
+impl IsTerminal for GuestOutput {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for GuestOutput {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+/// Room advertised to the guest per write; large writes are split by the guest.
+const OUTPUT_PERMIT: usize = 64 * 1024;
+
+impl OutputStream for GuestOutput {
+    fn write(&mut self, bytes: Bytes) -> Result<(), StreamError> {
+        self.append(&bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), StreamError> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> Result<usize, StreamError> {
+        Ok(OUTPUT_PERMIT)
+    }
+}
+
+#[async_trait::async_trait]
+impl Pollable for GuestOutput {
+    async fn ready(&mut self) {}
+}
+
+impl tokio::io::AsyncWrite for GuestOutput {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.append(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}

@@ -1,0 +1,308 @@
+//! Running a handler: instances, invocations, trap classification, and the instance pool.
+//!
+//! Owns the rules that make an invocation safe to retry: effects count only if `handle`
+//! returned `ok` and the host refused nothing; an instance that trapped is never entered again.
+//! Knows nothing of where messages come from or where effects go.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use wasmtime::{Store, Trap, UpdateDeadline};
+
+use super::bindings::weir::handler::types as wit;
+use super::bindings::{Handler, HandlerPre};
+use super::component::ContentHash;
+use super::host::HostState;
+use super::invocation::{ErrorKind, Invocation, InvocationContext, Message, Outcome, TrapKind};
+use super::{InstancePolicy, RuntimeShared};
+
+/// Why an instance could not be created (the handler never ran).
+#[derive(Debug, thiserror::Error)]
+pub enum InstantiateError {
+    /// Instantiation failed: the pool is exhausted, a limit was hit by the component's start-up,
+    /// or its start function trapped.
+    #[error("cannot instantiate handler {hash}: {message}")]
+    Failed {
+        /// The component's hash.
+        hash: ContentHash,
+        /// wasmtime's explanation.
+        message: String,
+    },
+}
+
+/// A validated, compiled handler component, ready to instantiate. Cheap to clone.
+#[derive(Clone)]
+pub struct HandlerComponent {
+    pub(crate) shared: Arc<RuntimeShared>,
+    pub(crate) pre: HandlerPre<HostState>,
+    pub(crate) hash: ContentHash,
+    pub(crate) size: usize,
+}
+
+impl std::fmt::Debug for HandlerComponent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HandlerComponent")
+            .field("hash", &self.hash)
+            .field("size", &self.size)
+            .finish()
+    }
+}
+
+impl HandlerComponent {
+    /// The SHA-256 of the component's bytes.
+    pub fn hash(&self) -> ContentHash {
+        self.hash
+    }
+
+    /// Size of the component in bytes.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Create a fresh instance in its own store, with the runtime's limits.
+    pub async fn instantiate(&self) -> Result<HandlerInstance, InstantiateError> {
+        let mut store = Store::new(
+            self.pre.engine(),
+            HostState::new(self.shared.config.clone()),
+        );
+        store.limiter(|state| &mut state.limits);
+        store.epoch_deadline_callback(|ctx| {
+            if Instant::now() >= ctx.data().deadline {
+                Ok(UpdateDeadline::Interrupt)
+            } else {
+                // Give the executor back to other tasks once per tick while the guest computes.
+                Ok(UpdateDeadline::YieldCustom(
+                    1,
+                    Box::pin(tokio::task::yield_now()),
+                ))
+            }
+        });
+        // Start-up code gets the same deadline as an invocation.
+        store.data_mut().deadline = Instant::now() + self.shared.config.deadline();
+        store.set_epoch_deadline(1);
+        let bindings =
+            self.pre
+                .instantiate_async(&mut store)
+                .await
+                .map_err(|e| InstantiateError::Failed {
+                    hash: self.hash,
+                    message: format!("{e:#}"),
+                })?;
+        Ok(HandlerInstance {
+            store,
+            bindings,
+            invocations: 0,
+            dead: false,
+            hash: self.hash,
+        })
+    }
+}
+
+/// One live instance of a handler, with its own store. Serves invocations one at a time.
+pub struct HandlerInstance {
+    store: Store<HostState>,
+    bindings: Handler,
+    invocations: u32,
+    dead: bool,
+    hash: ContentHash,
+}
+
+impl HandlerInstance {
+    /// The component this instance runs.
+    pub fn hash(&self) -> ContentHash {
+        self.hash
+    }
+
+    /// Whether the instance may serve another invocation (false after a trap).
+    pub fn is_alive(&self) -> bool {
+        !self.dead
+    }
+
+    /// Invocations served so far.
+    pub fn invocations(&self) -> u32 {
+        self.invocations
+    }
+
+    /// Run `handle` for `message`. Never panics on anything the guest does: every failure is an
+    /// [`Outcome`]. After a trap the instance is dead; use a new one.
+    pub async fn invoke(&mut self, message: &Message, context: &InvocationContext) -> Invocation {
+        let started = Instant::now();
+        if self.dead {
+            return Invocation {
+                outcome: Outcome::Trap {
+                    kind: TrapKind::Other,
+                    message: "instance already trapped and cannot be entered again".to_owned(),
+                },
+                effects: Default::default(),
+                logs: Vec::new(),
+                logs_dropped: 0,
+                duration: started.elapsed(),
+            };
+        }
+        self.invocations += 1;
+        let deadline = context
+            .deadline
+            .unwrap_or_else(|| self.store.data().config().deadline());
+        {
+            let data = self.store.data_mut();
+            data.begin(message.key.clone(), context.clone());
+            data.deadline = started + deadline;
+        }
+        self.store.set_epoch_deadline(1);
+        let guest_message = to_wit(message);
+        let result = self
+            .bindings
+            .call_handle(&mut self.store, &guest_message)
+            .await;
+        let duration = started.elapsed();
+        let call = self.store.data_mut().finish();
+        let outcome = match result {
+            // A refusal wins over whatever the handler answered: it may have ignored the error.
+            Ok(_) if call.refused.is_some() => Outcome::Refused {
+                message: call.refused.unwrap_or_default(),
+            },
+            Ok(Ok(())) => Outcome::Ok,
+            Ok(Err(wit::HandlerError::Retryable(message))) => Outcome::HandlerError {
+                kind: ErrorKind::Retryable,
+                message,
+            },
+            Ok(Err(wit::HandlerError::Permanent(message))) => Outcome::HandlerError {
+                kind: ErrorKind::Permanent,
+                message,
+            },
+            Err(error) => {
+                self.dead = true;
+                let kind = classify_trap(&error);
+                let message = match kind {
+                    TrapKind::Deadline => {
+                        format!("deadline of {} ms exceeded", deadline.as_millis())
+                    }
+                    _ => format!("{error:?}"),
+                };
+                Outcome::Trap { kind, message }
+            }
+        };
+        let effects = if outcome.is_ok() {
+            call.effects
+        } else {
+            Default::default()
+        };
+        Invocation {
+            outcome,
+            effects,
+            logs: call.logs,
+            logs_dropped: call.logs_dropped,
+            duration,
+        }
+    }
+}
+
+fn to_wit(message: &Message) -> wit::Message {
+    wit::Message {
+        id: message.id.clone(),
+        topic: message.topic.clone(),
+        partition: message.partition,
+        offset: message.offset,
+        key: message.key.clone(),
+        payload: message.payload.clone(),
+        headers: message
+            .headers
+            .iter()
+            .map(|h| wit::Header {
+                key: h.key.clone(),
+                value: h.value.clone(),
+            })
+            .collect(),
+        timestamp_ms: message.timestamp_ms,
+        tenant: message.tenant.clone(),
+        attempt: message.attempt,
+    }
+}
+
+/// What kind of trap `error` is.
+fn classify_trap(error: &wasmtime::Error) -> TrapKind {
+    if let Some(trap) = error.downcast_ref::<Trap>() {
+        return match trap {
+            Trap::Interrupt => TrapKind::Deadline,
+            Trap::StackOverflow => TrapKind::StackOverflow,
+            Trap::UnreachableCodeReached => TrapKind::Unreachable,
+            Trap::AllocationTooLarge => TrapKind::Memory,
+            _ => TrapKind::Other,
+        };
+    }
+    // `StoreLimits` with `trap_on_grow_failure` reports refused growth as a plain error.
+    let text = format!("{error:#}");
+    if text.contains("forcing trap when growing memory")
+        || text.contains("forcing a memory growth failure")
+    {
+        TrapKind::Memory
+    } else if text.contains("growing table") {
+        TrapKind::Memory
+    } else {
+        TrapKind::Other
+    }
+}
+
+/// Instances of one component, handed out one per invocation.
+///
+/// With [`InstancePolicy::Reuse`] an instance goes back to the pool after an invocation that
+/// did not trap, until it has served `max_invocations_per_instance`; with
+/// [`InstancePolicy::Fresh`] every invocation gets a new instance. Idle instances are bounded.
+pub struct HandlerPool {
+    component: HandlerComponent,
+    idle: Mutex<Vec<HandlerInstance>>,
+    max_idle: usize,
+}
+
+impl HandlerPool {
+    /// A pool for `component` keeping at most `max_idle` idle instances.
+    pub fn new(component: HandlerComponent, max_idle: usize) -> Self {
+        Self {
+            component,
+            idle: Mutex::new(Vec::new()),
+            max_idle,
+        }
+    }
+
+    /// The component the pool runs.
+    pub fn component(&self) -> &HandlerComponent {
+        &self.component
+    }
+
+    /// Run one invocation on an idle instance, or a fresh one.
+    pub async fn invoke(
+        &self,
+        message: &Message,
+        context: &InvocationContext,
+    ) -> Result<Invocation, InstantiateError> {
+        let idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        let mut instance = match idle {
+            Some(instance) => instance,
+            None => self.component.instantiate().await?,
+        };
+        let invocation = instance.invoke(message, context).await;
+        let config = &self.component.shared.config;
+        if config.instance_policy == InstancePolicy::Reuse
+            && instance.is_alive()
+            && instance.invocations() < config.max_invocations_per_instance
+        {
+            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            if idle.len() < self.max_idle {
+                idle.push(instance);
+            }
+        }
+        Ok(invocation)
+    }
+
+    /// Idle instances held right now.
+    pub fn idle(&self) -> usize {
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
