@@ -14,8 +14,8 @@ use serde_json::json;
 
 use super::{OutputFormat, exit};
 use crate::runtime::{
-    ComponentError, Effects, Header, InstancePolicy, Invocation, InvocationContext, LogRecord,
-    MemoryState, Message, Outcome, OutputTopics, Runtime, RuntimeConfig,
+    BytesText, ComponentError, Effects, Header, InstancePolicy, Invocation, InvocationContext,
+    LogRecord, MemoryState, Message, Outcome, OutputTopics, Runtime, RuntimeConfig,
 };
 
 /// Flags of `weir handler test`.
@@ -353,7 +353,7 @@ impl Report {
     fn json(&self) -> serde_json::Value {
         let mut value = json!({
             "component": {"path": self.path, "hash": self.hash, "size": self.size},
-            "message": self.message,
+            "message": message_json(&self.message),
         });
         if let (Some(obj), Ok(serde_json::Value::Object(inv))) = (
             value.as_object_mut(),
@@ -363,6 +363,23 @@ impl Report {
         }
         value
     }
+}
+
+/// The message as JSON, bytes as text where they are UTF-8 (as in the effects).
+fn message_json(message: &Message) -> serde_json::Value {
+    let bytes = |b: &[u8]| json!(BytesText(b));
+    json!({
+        "id": message.id,
+        "topic": message.topic,
+        "partition": message.partition,
+        "offset": message.offset,
+        "key": message.key.as_deref().map(bytes),
+        "payload": bytes(&message.payload),
+        "headers": message.headers.iter().map(|h| json!({"key": h.key, "value": bytes(&h.value)})).collect::<Vec<_>>(),
+        "timestamp_ms": message.timestamp_ms,
+        "tenant": message.tenant,
+        "attempt": message.attempt,
+    })
 }
 
 fn write_effects(out: &mut String, effects: &Effects, key: &str, ok: bool) {

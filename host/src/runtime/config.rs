@@ -282,7 +282,8 @@ mod tests {
 
     #[test]
     fn zero_and_absurd_values_name_the_field() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut RuntimeConfig)>)> = vec![
+        type Mutation = Box<dyn Fn(&mut RuntimeConfig)>;
+        let cases: Vec<(&str, Mutation)> = vec![
             ("deadline_ms", Box::new(|c| c.deadline_ms = 0)),
             (
                 "deadline_ms",

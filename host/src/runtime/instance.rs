@@ -149,11 +149,7 @@ impl HandlerInstance {
             data.deadline = started + deadline;
         }
         self.store.set_epoch_deadline(1);
-        let guest_message = to_wit(message);
-        let result = self
-            .bindings
-            .call_handle(&mut self.store, &guest_message)
-            .await;
+        let result = self.bindings.call_handle(&mut self.store, message).await;
         let duration = started.elapsed();
         let call = self.store.data_mut().finish();
         let outcome = match result {
@@ -197,28 +193,6 @@ impl HandlerInstance {
     }
 }
 
-fn to_wit(message: &Message) -> wit::Message {
-    wit::Message {
-        id: message.id.clone(),
-        topic: message.topic.clone(),
-        partition: message.partition,
-        offset: message.offset,
-        key: message.key.clone(),
-        payload: message.payload.clone(),
-        headers: message
-            .headers
-            .iter()
-            .map(|h| wit::Header {
-                key: h.key.clone(),
-                value: h.value.clone(),
-            })
-            .collect(),
-        timestamp_ms: message.timestamp_ms,
-        tenant: message.tenant.clone(),
-        attempt: message.attempt,
-    }
-}
-
 /// What kind of trap `error` is.
 fn classify_trap(error: &wasmtime::Error) -> TrapKind {
     if let Some(trap) = error.downcast_ref::<Trap>() {
@@ -232,11 +206,12 @@ fn classify_trap(error: &wasmtime::Error) -> TrapKind {
     }
     // `StoreLimits` with `trap_on_grow_failure` reports refused growth as a plain error.
     let text = format!("{error:#}");
-    if text.contains("forcing trap when growing memory")
-        || text.contains("forcing a memory growth failure")
-    {
-        TrapKind::Memory
-    } else if text.contains("growing table") {
+    let refused_growth = [
+        "forcing trap when growing memory",
+        "forcing a memory growth failure",
+        "growing table",
+    ];
+    if refused_growth.iter().any(|needle| text.contains(needle)) {
         TrapKind::Memory
     } else {
         TrapKind::Other

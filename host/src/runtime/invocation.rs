@@ -13,42 +13,10 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use serde::Serialize;
 
-/// One record header.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Header {
-    /// Header name.
-    pub key: String,
-    /// Header value bytes.
-    #[serde(serialize_with = "crate::runtime::invocation::bytes_as_text")]
-    pub value: Vec<u8>,
-}
-
-/// The message handed to a handler (the WIT `message` record, host side).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Message {
-    /// Message identity (see the WIT docs): `message-id` header or `topic/partition/offset`.
-    pub id: String,
-    /// Source topic.
-    pub topic: String,
-    /// Source partition.
-    pub partition: u32,
-    /// Source offset.
-    pub offset: u64,
-    /// Record key.
-    #[serde(serialize_with = "crate::runtime::invocation::opt_bytes_as_text")]
-    pub key: Option<Vec<u8>>,
-    /// Record value.
-    #[serde(serialize_with = "crate::runtime::invocation::bytes_as_text")]
-    pub payload: Vec<u8>,
-    /// Record headers.
-    pub headers: Vec<Header>,
-    /// Record timestamp, milliseconds since the Unix epoch.
-    pub timestamp_ms: Option<i64>,
-    /// Owning tenant.
-    pub tenant: String,
-    /// Attempt number, from 1.
-    pub attempt: u32,
-}
+/// The message handed to a handler, and one record header: the WIT `message` and `header`
+/// records themselves, so an invocation passes the message to the guest without copying it
+/// first.
+pub use super::bindings::weir::handler::types::{Header, Message};
 
 /// Where an invocation reads committed keyed state from. The pipeline serves it from the store
 /// (plus writes not yet committed); `weir handler test` from the initial state it was given.
@@ -174,6 +142,7 @@ pub struct Emit {
     #[serde(serialize_with = "crate::runtime::invocation::bytes_as_text")]
     pub payload: Vec<u8>,
     /// Record headers set by the handler (the host adds its own when publishing).
+    #[serde(serialize_with = "crate::runtime::invocation::headers_as_text")]
     pub headers: Vec<Header>,
 }
 
@@ -364,6 +333,37 @@ pub(crate) fn bytes_as_text<S: serde::Serializer>(bytes: &[u8], s: S) -> Result<
             map.end()
         }
     }
+}
+
+/// Bytes that serialize as by [`bytes_as_text`], for JSON built by hand.
+pub struct BytesText<'a>(pub &'a [u8]);
+
+impl Serialize for BytesText<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        bytes_as_text(self.0, s)
+    }
+}
+
+/// Headers as `[{"key": …, "value": …}]`, values as by [`bytes_as_text`].
+pub(crate) fn headers_as_text<S: serde::Serializer>(
+    headers: &[Header],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeSeq;
+    #[derive(Serialize)]
+    struct Text<'a> {
+        key: &'a str,
+        #[serde(serialize_with = "bytes_as_text")]
+        value: &'a [u8],
+    }
+    let mut seq = s.serialize_seq(Some(headers.len()))?;
+    for header in headers {
+        seq.serialize_element(&Text {
+            key: &header.key,
+            value: &header.value,
+        })?;
+    }
+    seq.end()
 }
 
 pub(crate) fn opt_bytes_as_text<S: serde::Serializer>(

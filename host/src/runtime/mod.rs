@@ -26,8 +26,9 @@ pub use component::{CacheStats, ComponentError, ContentHash};
 pub use config::*;
 pub use instance::{HandlerComponent, HandlerInstance, HandlerPool, InstantiateError};
 pub use invocation::{
-    Effects, Emit, ErrorKind, Header, Invocation, InvocationContext, LogLevel, LogRecord,
-    LogSource, MemoryState, Message, Outcome, OutputTopics, StateSource, StateWrite, TrapKind,
+    BytesText, Effects, Emit, ErrorKind, Header, Invocation, InvocationContext, LogLevel,
+    LogRecord, LogSource, MemoryState, Message, Outcome, OutputTopics, StateSource, StateWrite,
+    TrapKind,
 };
 
 use host::HostState;
@@ -43,6 +44,7 @@ pub(crate) mod bindings {
             default: tracing,
         },
         exports: { default: async },
+        additional_derives: [PartialEq, Eq],
     });
 }
 
