@@ -3,7 +3,13 @@
 //!
 //! Modules, each owning one concern:
 //! * [`runtime`] — the Wasm sandbox: loading, validating and running handler components.
+//! * [`pipeline`] — the pipeline's pure core: offset tracking, key-ordered dispatch, retry
+//!   decisions.
+//! * [`store`] — persistence: handlers, bindings, processed keys, keyed state, outbox and DLQ,
+//!   on PostgreSQL or SQLite.
 //! * [`cli`] — the `weir` command line.
 
 pub mod cli;
+pub mod pipeline;
 pub mod runtime;
+pub mod store;

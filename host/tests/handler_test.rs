@@ -2,6 +2,8 @@
 //! `handlers/` (by `tests/run`, or `cargo build --release --target wasm32-wasip2 -p <handler>`),
 //! and the exit codes scripts rely on.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 

@@ -255,18 +255,25 @@ async fn kafka_delivers_keyed_messages_with_headers_once_per_group() {
     });
     let total: i64 = high_watermarks.iter().sum();
     assert_eq!(total, i64::try_from(MESSAGES).expect("message count"));
-    let committed = tokio::task::block_in_place(|| first.committed(TIMEOUT)).expect("committed");
-    for (partition, high) in (0..PARTITIONS).zip(&high_watermarks) {
-        let offset = committed
-            .find_partition(&topic, partition)
-            .map(|element| element.offset());
+    // The list is dropped at once: its elements can hold references into the consumer
+    // (librdkafka toppars), and a list that outlives its consumer makes dropping the consumer
+    // hang in `rd_kafka_destroy`.
+    let committed: Vec<Option<Offset>> = {
+        let list = tokio::task::block_in_place(|| first.committed(TIMEOUT)).expect("committed");
+        (0..PARTITIONS)
+            .map(|partition| list.find_partition(&topic, partition).map(|e| e.offset()))
+            .collect()
+    };
+    for ((partition, offset), high) in (0..PARTITIONS).zip(committed).zip(&high_watermarks) {
         assert_eq!(
             offset,
             Some(Offset::Offset(*high)),
             "committed offset of partition {partition}"
         );
     }
-    drop(first); // leaves the group, so the next member is assigned every partition at once
+    // Dropping a consumer leaves the group (so the next member is assigned every partition at
+    // once) and waits for librdkafka to close it: blocking, so off the async worker thread.
+    tokio::task::block_in_place(|| drop(first));
 
     // A new member of the same group starts from the commits: nothing left to receive.
     let second = consumer(&kafka, &group);
@@ -296,7 +303,7 @@ async fn kafka_delivers_keyed_messages_with_headers_once_per_group() {
             Some(_) => {}
         }
     }
-    drop(second);
+    tokio::task::block_in_place(|| drop(second));
 
     let deleted = timeout(TIMEOUT, admin.delete_topics(&[&topic], &options))
         .await

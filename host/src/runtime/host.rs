@@ -489,3 +489,57 @@ impl tokio::io::AsyncWrite for GuestOutput {
         Poll::Ready(Ok(()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncation_respects_char_boundaries() {
+        let mut text = "héllo wörld".to_owned();
+        truncate(&mut text, 2);
+        assert_eq!(text, "h…");
+        let mut short = "ok".to_owned();
+        truncate(&mut short, 10);
+        assert_eq!(short, "ok");
+    }
+
+    #[test]
+    fn log_lines_are_capped_and_counted() {
+        let config = RuntimeConfig {
+            max_log_lines: 2,
+            max_log_line_bytes: 16,
+            ..RuntimeConfig::default()
+        };
+        let mut call = CallState::default();
+        for i in 0..5 {
+            let fields = vec![("k".to_owned(), "v".repeat(i * 4))];
+            push_log(
+                &config,
+                &mut call,
+                LogLevel::Info,
+                LogSource::Log,
+                format!("line {i}"),
+                fields,
+            );
+        }
+        assert_eq!(call.logs.len(), 2);
+        assert_eq!(call.logs_dropped, 3);
+        // Fields that do not fit in the line's byte budget are dropped, not split.
+        assert_eq!(
+            call.logs[1].fields,
+            vec![("k".to_owned(), "vvvv".to_owned())]
+        );
+    }
+
+    #[test]
+    fn guest_output_is_capped_without_failing_the_guest() {
+        let out = GuestOutput::new(8);
+        out.append(b"hello ");
+        out.append(b"world, more than eight bytes");
+        let (bytes, truncated) = out.take();
+        assert_eq!(bytes, b"hello wo");
+        assert!(truncated);
+        assert_eq!(out.take(), (Vec::new(), false));
+    }
+}

@@ -1,0 +1,29 @@
+//! The pipeline: what happens to a message between Kafka and an exactly-once commit.
+//!
+//! A binding's messages pass through five stages:
+//!
+//! 1. **Intake** reads the binding's partitions, records each received offset in its
+//!    [`OffsetTracker`] and pushes the message into the dispatcher; it pauses when the dispatcher
+//!    holds as many messages as the binding allows, or a tenant's rate is exceeded.
+//! 2. **Dispatch** ([`KeyScheduler`]) decides which messages may run now: one at a time per key
+//!    (or per partition), in offset order, up to `max_in_flight` at once.
+//! 3. **Invoke** runs the handler in the sandbox ([`crate::runtime`]). A failure goes to the
+//!    binding's [`RetryPolicy`]: wait and run again while the key stays occupied, or dead-letter.
+//! 4. **Group commit** writes many messages' effects and processed keys in one PostgreSQL
+//!    transaction (or the DLQ entry), each message all-or-nothing; then the message's dispatch
+//!    ticket is finished and its offset completed.
+//! 5. **Offsets** stores, per partition, the highest contiguous completed offset
+//!    ([`OffsetTracker::committable`]).
+//!
+//! This module holds the pipeline's pure core — [`offsets`], [`dispatch`] and [`retry`]:
+//! synchronous data structures, each owned by one task, with no locks, no I/O and no clock.
+//! They know nothing of Kafka, PostgreSQL or wasmtime, so they are tested in isolation (with
+//! property tests) and cost little on the hot path. The stages that do I/O drive them.
+
+pub mod dispatch;
+pub mod offsets;
+pub mod retry;
+
+pub use dispatch::{KeyScheduler, Ordering, Ticket};
+pub use offsets::{OffsetError, OffsetTracker, PartitionOffsets};
+pub use retry::{Decision, FailureKind, JitterRng, RetryPolicy, RetryPolicyError};

@@ -1,0 +1,254 @@
+//! The engine-independent half of group commit: checking a batch, finding the duplicates
+//! within it, and turning the new completions' effects into the rows a constant number of
+//! multi-row statements write.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use super::{CommitOutcome, Completion, OutboxInsert, StoreError};
+
+/// A processed key: `(binding_id, message_id)`.
+pub(crate) type ProcessedKey<'a> = (&'a str, &'a str);
+
+/// Where a keyed-state value lives: `(tenant, handler, key, name)`.
+type StateKey<'a> = (&'a str, &'a str, &'a [u8], &'a str);
+
+/// Refuse a batch the store cannot commit as asked, before anything is written.
+pub(crate) fn validate(batch: &[Completion]) -> Result<(), StoreError> {
+    for completion in batch {
+        if completion.key.is_none() && !completion.state_writes.is_empty() {
+            return Err(StoreError::Invalid(format!(
+                "completion of message {:?} on binding {:?}: keyed-state writes for a message \
+                 without a key",
+                completion.message_id, completion.binding_id
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The distinct processed keys of a batch, sorted (so that concurrent transactions take their
+/// locks in the same order).
+pub(crate) fn processed_keys(batch: &[Completion]) -> Vec<ProcessedKey<'_>> {
+    batch
+        .iter()
+        .map(|c| (c.binding_id.as_str(), c.message_id.as_str()))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
+/// One keyed-state row to upsert (`value` is `Some`) or delete (`None`).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct StateRow<'a> {
+    pub tenant: &'a str,
+    pub handler: &'a str,
+    pub key: &'a [u8],
+    pub name: &'a str,
+    pub value: Option<&'a [u8]>,
+}
+
+/// One outbox row to insert.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct OutboxRow<'a> {
+    pub tenant: &'a str,
+    pub binding_id: Option<&'a str>,
+    pub insert: &'a OutboxInsert,
+}
+
+/// What the new completions of a batch write, once duplicates are dropped.
+#[derive(Debug, Default)]
+pub(crate) struct Writes<'a> {
+    /// Final value of every state row the batch touches, sorted by `(tenant, handler, key,
+    /// name)`: applying each completion's writes in batch order and each one's in call order
+    /// leaves exactly these values, so one upsert and one delete statement suffice.
+    pub state: Vec<StateRow<'a>>,
+    /// Outbox rows in batch order, then emit order; a message id repeated in the batch keeps
+    /// its first row.
+    pub outbox: Vec<OutboxRow<'a>>,
+}
+
+/// The outcome of each completion given the processed keys the insert actually created, and
+/// the writes of the committed ones. The first completion of a key that was inserted commits;
+/// every other one (inserted earlier, or repeated in the batch) is a duplicate.
+pub(crate) fn outcomes<'a>(
+    batch: &'a [Completion],
+    inserted: &HashSet<(String, String)>,
+) -> (Vec<CommitOutcome>, Writes<'a>) {
+    let mut seen: HashSet<ProcessedKey<'a>> = HashSet::with_capacity(batch.len());
+    let mut outcomes = Vec::with_capacity(batch.len());
+    let mut state: BTreeMap<StateKey<'a>, Option<&'a [u8]>> = BTreeMap::new();
+    let mut outbox_ids: HashSet<&str> = HashSet::new();
+    let mut outbox = Vec::new();
+    for completion in batch {
+        let key = (
+            completion.binding_id.as_str(),
+            completion.message_id.as_str(),
+        );
+        let first = seen.insert(key);
+        let new = first && inserted.contains(&(key.0.to_owned(), key.1.to_owned()));
+        if !new {
+            outcomes.push(CommitOutcome::Duplicate);
+            continue;
+        }
+        outcomes.push(CommitOutcome::Committed);
+        if let Some(message_key) = completion.key.as_deref() {
+            for write in &completion.state_writes {
+                state.insert(
+                    (
+                        completion.tenant.as_str(),
+                        completion.handler.as_str(),
+                        message_key,
+                        write.name.as_str(),
+                    ),
+                    write.value.as_deref(),
+                );
+            }
+        }
+        for emit in &completion.emits {
+            if outbox_ids.insert(emit.message_id.as_str()) {
+                outbox.push(OutboxRow {
+                    tenant: &completion.tenant,
+                    binding_id: Some(&completion.binding_id),
+                    insert: emit,
+                });
+            }
+        }
+    }
+    let state = state
+        .into_iter()
+        .map(|((tenant, handler, key, name), value)| StateRow {
+            tenant,
+            handler,
+            key,
+            name,
+            value,
+        })
+        .collect();
+    (outcomes, Writes { state, outbox })
+}
+
+/// The outcome of each row of a direct outbox insert: `Committed` for the first row of each
+/// message id that the insert created, `Duplicate` for the rest.
+pub(crate) fn insert_outcomes(
+    rows: &[OutboxInsert],
+    inserted: &HashSet<String>,
+) -> Vec<CommitOutcome> {
+    let mut seen = HashSet::with_capacity(rows.len());
+    rows.iter()
+        .map(|row| {
+            if seen.insert(row.message_id.as_str()) && inserted.contains(&row.message_id) {
+                CommitOutcome::Committed
+            } else {
+                CommitOutcome::Duplicate
+            }
+        })
+        .collect()
+}
+
+/// Distinct rows of a direct outbox insert, first occurrence of each message id.
+pub(crate) fn distinct_outbox<'a>(
+    tenant: &'a str,
+    binding_id: Option<&'a str>,
+    rows: &'a [OutboxInsert],
+) -> Vec<OutboxRow<'a>> {
+    let mut seen = HashSet::with_capacity(rows.len());
+    rows.iter()
+        .filter(|row| seen.insert(row.message_id.as_str()))
+        .map(|insert| OutboxRow {
+            tenant,
+            binding_id,
+            insert,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::StateWrite;
+
+    fn completion(message_id: &str, writes: &[(&str, Option<&str>)], emits: &[&str]) -> Completion {
+        Completion {
+            binding_id: "b".into(),
+            tenant: "t".into(),
+            handler: "h".into(),
+            message_id: message_id.into(),
+            key: Some(b"k".to_vec()),
+            state_writes: writes
+                .iter()
+                .map(|(name, value)| StateWrite {
+                    name: (*name).into(),
+                    value: value.map(|v| v.as_bytes().to_vec()),
+                })
+                .collect(),
+            emits: emits
+                .iter()
+                .map(|id| OutboxInsert {
+                    message_id: (*id).into(),
+                    topic: "out".into(),
+                    key: None,
+                    payload: Vec::new(),
+                    headers: Vec::new(),
+                    causation_id: message_id.into(),
+                    traceparent: None,
+                })
+                .collect(),
+        }
+    }
+
+    fn inserted(ids: &[&str]) -> HashSet<(String, String)> {
+        ids.iter()
+            .map(|id| ("b".to_owned(), (*id).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn first_occurrence_wins_and_later_writes_override_earlier_ones() {
+        let batch = vec![
+            completion("m1", &[("a", Some("1")), ("b", Some("x"))], &["e1"]),
+            completion("m1", &[("a", Some("dup"))], &["e-dup"]),
+            completion("m2", &[("b", None), ("a", Some("2"))], &["e2", "e1"]),
+            completion("m3", &[("a", Some("old"))], &["e3"]),
+        ];
+        validate(&batch).unwrap();
+        assert_eq!(
+            processed_keys(&batch),
+            vec![("b", "m1"), ("b", "m2"), ("b", "m3")]
+        );
+        // m3 was processed before: the insert did not create it.
+        let (outcomes, writes) = outcomes(&batch, &inserted(&["m1", "m2"]));
+        assert_eq!(
+            outcomes,
+            vec![
+                CommitOutcome::Committed,
+                CommitOutcome::Duplicate,
+                CommitOutcome::Committed,
+                CommitOutcome::Duplicate,
+            ]
+        );
+        let state: Vec<_> = writes
+            .state
+            .iter()
+            .map(|row| (row.name, row.value))
+            .collect();
+        assert_eq!(state, vec![("a", Some(&b"2"[..])), ("b", None)]);
+        let outbox: Vec<_> = writes
+            .outbox
+            .iter()
+            .map(|row| row.insert.message_id.as_str())
+            .collect();
+        assert_eq!(outbox, vec!["e1", "e2"]);
+    }
+
+    #[test]
+    fn state_writes_without_a_key_are_refused() {
+        let mut keyless = completion("m1", &[("a", Some("1"))], &[]);
+        keyless.key = None;
+        assert!(matches!(
+            validate(&[keyless.clone()]),
+            Err(StoreError::Invalid(_))
+        ));
+        keyless.state_writes.clear();
+        validate(&[keyless]).unwrap();
+    }
+}

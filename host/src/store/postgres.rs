@@ -1,0 +1,895 @@
+//! [`PgStore`]: the store on PostgreSQL, for production.
+//!
+//! Batches travel as arrays: `INSERT … SELECT … FROM UNNEST($1::text[], …)`, so a group commit
+//! is a constant number of statements whatever its size.
+
+use std::collections::HashSet;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::{ConnectOptions, Connection, Postgres, QueryBuilder, Row};
+use tokio::sync::mpsc;
+
+use super::batch::{self, OutboxRow};
+use super::error::db;
+use super::types::{decode_headers, encode_headers, sha256_hex};
+use super::{
+    BindingRecord, CommitOutcome, Completion, DlqEntry, DlqEntryInsert, DlqErrorKind, DlqFilter,
+    DlqState, HandlerVersion, MAX_ERROR_BYTES, OUTBOX_CHANNEL, OutboxInsert, OutboxRecord,
+    OutboxState, Resolution, Store, StoreError, claim_limit, lease_micros, truncate,
+};
+
+/// Connections in the pool. A live [`Store::outbox_notifications`] listener holds one of them.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 10;
+
+/// How long an operation waits for a free (or new) connection before the store counts as
+/// unavailable.
+pub const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the notification listener waits after a first error before listening again; it
+/// doubles on each further error, up to [`LISTEN_RETRY_MAX`].
+const LISTEN_RETRY: Duration = Duration::from_secs(1);
+
+/// The longest wait between two attempts to listen again.
+const LISTEN_RETRY_MAX: Duration = Duration::from_secs(30);
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
+
+/// The store on PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Connect to `url` (`postgres://…`) with the default pool settings. Does not migrate; see
+    /// [`super::connect`].
+    ///
+    /// Opens one connection first, outside the pool, so that an unreachable server fails at
+    /// once with its cause (e.g. connection refused) rather than as a pool timeout.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let options = PgConnectOptions::from_str(url).map_err(db("connect"))?;
+        let probe = options.connect().await.map_err(db("connect"))?;
+        // The probe only proved the server is there; failing to say goodbye changes nothing.
+        let _ = probe.close().await;
+        let pool = PgPoolOptions::new()
+            .max_connections(DEFAULT_MAX_CONNECTIONS)
+            .acquire_timeout(DEFAULT_ACQUIRE_TIMEOUT)
+            .connect_lazy_with(options);
+        Ok(Self { pool })
+    }
+
+    /// A store over an existing pool.
+    pub fn from_pool(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// The pool, for tests and tools.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+macro_rules! handler_version_columns {
+    ($p:literal) => {
+        concat!(
+            $p,
+            "tenant, ",
+            $p,
+            "handler, ",
+            $p,
+            "version, ",
+            $p,
+            "sha256, ",
+            $p,
+            "size, ",
+            $p,
+            "created_at"
+        )
+    };
+}
+
+const BINDING_COLUMNS: &str =
+    "id, tenant, handler, spec::text AS spec, revision, created_at, updated_at";
+
+macro_rules! outbox_columns {
+    () => {
+        "id, message_id, tenant, binding_id, topic, key, payload, headers::text AS headers, \
+         causation_id, traceparent, state, attempts, last_error, created_at, sent_at"
+    };
+}
+
+macro_rules! dlq_columns {
+    () => {
+        "id, tenant, binding_id, handler, handler_version, topic, kafka_partition, kafka_offset, \
+         message_id, key, payload, headers::text AS headers, timestamp_ms, error_kind, \
+         error_message, attempts, first_failure_at, last_failure_at, state, resolved_at, \
+         resolution_note"
+    };
+}
+
+fn handler_version(row: &PgRow) -> Result<HandlerVersion, sqlx::Error> {
+    Ok(HandlerVersion {
+        tenant: row.try_get("tenant")?,
+        handler: row.try_get("handler")?,
+        version: row.try_get("version")?,
+        sha256: row.try_get("sha256")?,
+        size: row.try_get("size")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn binding(row: &PgRow) -> Result<BindingRecord, StoreError> {
+    let decode = |error| StoreError::from_sqlx("read binding", error);
+    let spec: String = row.try_get("spec").map_err(decode)?;
+    Ok(BindingRecord {
+        id: row.try_get("id").map_err(decode)?,
+        tenant: row.try_get("tenant").map_err(decode)?,
+        handler: row.try_get("handler").map_err(decode)?,
+        spec: serde_json::from_str(&spec)
+            .map_err(|error| StoreError::corrupt("bindings", format!("spec: {error}")))?,
+        revision: row.try_get("revision").map_err(decode)?,
+        created_at: row.try_get("created_at").map_err(decode)?,
+        updated_at: row.try_get("updated_at").map_err(decode)?,
+    })
+}
+
+fn outbox_record(row: &PgRow) -> Result<OutboxRecord, StoreError> {
+    let decode = |error| StoreError::from_sqlx("read outbox", error);
+    let headers: String = row.try_get("headers").map_err(decode)?;
+    let state: String = row.try_get("state").map_err(decode)?;
+    Ok(OutboxRecord {
+        id: row.try_get("id").map_err(decode)?,
+        message_id: row.try_get("message_id").map_err(decode)?,
+        tenant: row.try_get("tenant").map_err(decode)?,
+        binding_id: row.try_get("binding_id").map_err(decode)?,
+        topic: row.try_get("topic").map_err(decode)?,
+        key: row.try_get("key").map_err(decode)?,
+        payload: row.try_get("payload").map_err(decode)?,
+        headers: decode_headers("outbox", &headers)?,
+        causation_id: row.try_get("causation_id").map_err(decode)?,
+        traceparent: row.try_get("traceparent").map_err(decode)?,
+        state: OutboxState::decode(&state)?,
+        attempts: row.try_get("attempts").map_err(decode)?,
+        last_error: row.try_get("last_error").map_err(decode)?,
+        created_at: row.try_get("created_at").map_err(decode)?,
+        sent_at: row.try_get("sent_at").map_err(decode)?,
+    })
+}
+
+fn dlq_entry(row: &PgRow) -> Result<DlqEntry, StoreError> {
+    let decode = |error| StoreError::from_sqlx("read dlq entry", error);
+    let headers: String = row.try_get("headers").map_err(decode)?;
+    let error_kind: String = row.try_get("error_kind").map_err(decode)?;
+    let state: String = row.try_get("state").map_err(decode)?;
+    Ok(DlqEntry {
+        id: row.try_get("id").map_err(decode)?,
+        entry: DlqEntryInsert {
+            tenant: row.try_get("tenant").map_err(decode)?,
+            binding_id: row.try_get("binding_id").map_err(decode)?,
+            handler: row.try_get("handler").map_err(decode)?,
+            handler_version: row.try_get("handler_version").map_err(decode)?,
+            topic: row.try_get("topic").map_err(decode)?,
+            partition: row.try_get("kafka_partition").map_err(decode)?,
+            offset: row.try_get("kafka_offset").map_err(decode)?,
+            message_id: row.try_get("message_id").map_err(decode)?,
+            key: row.try_get("key").map_err(decode)?,
+            payload: row.try_get("payload").map_err(decode)?,
+            headers: decode_headers("dlq_entries", &headers)?,
+            timestamp_ms: row.try_get("timestamp_ms").map_err(decode)?,
+            error_kind: DlqErrorKind::decode(&error_kind)?,
+            error_message: row.try_get("error_message").map_err(decode)?,
+            attempts: row.try_get("attempts").map_err(decode)?,
+            first_failure_at: row.try_get("first_failure_at").map_err(decode)?,
+            last_failure_at: row.try_get("last_failure_at").map_err(decode)?,
+        },
+        state: DlqState::decode(&state)?,
+        resolved_at: row.try_get("resolved_at").map_err(decode)?,
+        resolution_note: row.try_get("resolution_note").map_err(decode)?,
+    })
+}
+
+/// Outbox rows as the column arrays of one `UNNEST` insert.
+#[derive(Default)]
+struct OutboxColumns<'a> {
+    message_id: Vec<&'a str>,
+    tenant: Vec<&'a str>,
+    binding_id: Vec<Option<&'a str>>,
+    topic: Vec<&'a str>,
+    key: Vec<Option<&'a [u8]>>,
+    payload: Vec<&'a [u8]>,
+    headers: Vec<String>,
+    causation_id: Vec<&'a str>,
+    traceparent: Vec<Option<&'a str>>,
+}
+
+impl<'a> OutboxColumns<'a> {
+    fn new(rows: &[OutboxRow<'a>]) -> Self {
+        let mut columns = OutboxColumns::default();
+        for row in rows {
+            let insert = row.insert;
+            columns.message_id.push(&insert.message_id);
+            columns.tenant.push(row.tenant);
+            columns.binding_id.push(row.binding_id);
+            columns.topic.push(&insert.topic);
+            columns.key.push(insert.key.as_deref());
+            columns.payload.push(&insert.payload);
+            columns.headers.push(encode_headers(&insert.headers));
+            columns.causation_id.push(&insert.causation_id);
+            columns.traceparent.push(insert.traceparent.as_deref());
+        }
+        columns
+    }
+
+    /// Insert the rows (skipping message ids already present); the message ids inserted.
+    async fn insert(
+        self,
+        operation: &'static str,
+        conn: &mut sqlx::PgConnection,
+    ) -> Result<HashSet<String>, StoreError> {
+        let inserted: Vec<String> = sqlx::query_scalar(
+            "INSERT INTO outbox (message_id, tenant, binding_id, topic, key, payload, headers, \
+                                 causation_id, traceparent) \
+             SELECT m, t, b, tp, k, p, h::jsonb, c, tr \
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], \
+                         $6::bytea[], $7::text[], $8::text[], $9::text[]) \
+                  WITH ORDINALITY AS u(m, t, b, tp, k, p, h, c, tr, n) \
+             ORDER BY n \
+             ON CONFLICT (message_id) DO NOTHING \
+             RETURNING message_id",
+        )
+        .bind(self.message_id)
+        .bind(self.tenant)
+        .bind(self.binding_id)
+        .bind(self.topic)
+        .bind(self.key)
+        .bind(self.payload)
+        .bind(self.headers)
+        .bind(self.causation_id)
+        .bind(self.traceparent)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db(operation))?;
+        if !inserted.is_empty() {
+            // Delivered when (and only if) the transaction commits.
+            sqlx::query("SELECT pg_notify($1, '')")
+                .bind(OUTBOX_CHANNEL)
+                .execute(&mut *conn)
+                .await
+                .map_err(db(operation))?;
+        }
+        Ok(inserted.into_iter().collect())
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for PgStore {
+    async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR
+            .run(&self.pool)
+            .await
+            .map_err(StoreError::from_migrate)
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn put_handler_version(
+        &self,
+        tenant: &str,
+        handler: &str,
+        component: &[u8],
+    ) -> Result<HandlerVersion, StoreError> {
+        const OP: &str = "put handler version";
+        let sha256 = sha256_hex(component);
+        let size = i64::try_from(component.len())
+            .map_err(|_| StoreError::Invalid(format!("component of handler {handler}: size")))?;
+        let mut tx = self.pool.begin().await.map_err(db(OP))?;
+        sqlx::query("INSERT INTO handlers (tenant, name) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            .bind(tenant)
+            .bind(handler)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(OP))?;
+        // Serializes uploads of one handler, so version numbers have no gaps or races.
+        sqlx::query("SELECT 1 FROM handlers WHERE tenant = $1 AND name = $2 FOR UPDATE")
+            .bind(tenant)
+            .bind(handler)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(OP))?;
+        let existing = sqlx::query(concat!(
+            "SELECT ",
+            handler_version_columns!(""),
+            " FROM handler_versions WHERE tenant = $1 AND handler = $2 AND sha256 = $3"
+        ))
+        .bind(tenant)
+        .bind(handler)
+        .bind(&sha256)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db(OP))?;
+        let row = match existing {
+            Some(row) => row,
+            None => sqlx::query(concat!(
+                "INSERT INTO handler_versions (tenant, handler, version, sha256, size, component) \
+                 SELECT $1, $2, COALESCE(MAX(version), 0) + 1, $3, $4, $5 \
+                 FROM handler_versions WHERE tenant = $1 AND handler = $2 \
+                 RETURNING ",
+                handler_version_columns!("")
+            ))
+            .bind(tenant)
+            .bind(handler)
+            .bind(&sha256)
+            .bind(size)
+            .bind(component)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db(OP))?,
+        };
+        let version = handler_version(&row).map_err(db(OP))?;
+        tx.commit().await.map_err(db(OP))?;
+        Ok(version)
+    }
+
+    async fn handler_version(
+        &self,
+        tenant: &str,
+        handler: &str,
+        version: i32,
+    ) -> Result<Option<HandlerVersion>, StoreError> {
+        const OP: &str = "read handler version";
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            handler_version_columns!(""),
+            " FROM handler_versions WHERE tenant = $1 AND handler = $2 AND version = $3"
+        ))
+        .bind(tenant)
+        .bind(handler)
+        .bind(version)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db(OP))?;
+        row.as_ref()
+            .map(handler_version)
+            .transpose()
+            .map_err(db(OP))
+    }
+
+    async fn component_bytes(
+        &self,
+        tenant: &str,
+        handler: &str,
+        version: i32,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        sqlx::query_scalar(
+            "SELECT component FROM handler_versions \
+             WHERE tenant = $1 AND handler = $2 AND version = $3",
+        )
+        .bind(tenant)
+        .bind(handler)
+        .bind(version)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("read component bytes"))
+    }
+
+    async fn activate(
+        &self,
+        tenant: &str,
+        handler: &str,
+        version: i32,
+    ) -> Result<HandlerVersion, StoreError> {
+        const OP: &str = "activate handler version";
+        let row = sqlx::query(concat!(
+            "UPDATE handlers h SET active_version = v.version FROM handler_versions v \
+             WHERE h.tenant = $1 AND h.name = $2 \
+               AND v.tenant = h.tenant AND v.handler = h.name AND v.version = $3 \
+             RETURNING ",
+            handler_version_columns!("v.")
+        ))
+        .bind(tenant)
+        .bind(handler)
+        .bind(version)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db(OP))?;
+        match row {
+            Some(row) => handler_version(&row).map_err(db(OP)),
+            None => Err(StoreError::NotFound(format!(
+                "version {version} of handler {tenant}/{handler}"
+            ))),
+        }
+    }
+
+    async fn active_version(
+        &self,
+        tenant: &str,
+        handler: &str,
+    ) -> Result<Option<HandlerVersion>, StoreError> {
+        const OP: &str = "read active handler version";
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            handler_version_columns!("v."),
+            " FROM handlers h JOIN handler_versions v \
+               ON v.tenant = h.tenant AND v.handler = h.name AND v.version = h.active_version \
+             WHERE h.tenant = $1 AND h.name = $2"
+        ))
+        .bind(tenant)
+        .bind(handler)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db(OP))?;
+        row.as_ref()
+            .map(handler_version)
+            .transpose()
+            .map_err(db(OP))
+    }
+
+    async fn list_handler_versions(
+        &self,
+        tenant: &str,
+        handler: &str,
+    ) -> Result<Vec<HandlerVersion>, StoreError> {
+        const OP: &str = "list handler versions";
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            handler_version_columns!(""),
+            " FROM handler_versions WHERE tenant = $1 AND handler = $2 ORDER BY version"
+        ))
+        .bind(tenant)
+        .bind(handler)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db(OP))?;
+        rows.iter()
+            .map(handler_version)
+            .collect::<Result<_, _>>()
+            .map_err(db(OP))
+    }
+
+    async fn put_binding(
+        &self,
+        id: &str,
+        tenant: &str,
+        handler: &str,
+        spec: &serde_json::Value,
+    ) -> Result<BindingRecord, StoreError> {
+        const OP: &str = "put binding";
+        let mut tx = self.pool.begin().await.map_err(db(OP))?;
+        let row = sqlx::query(
+            "INSERT INTO bindings (id, tenant, handler, spec) VALUES ($1, $2, $3, $4::jsonb) \
+             ON CONFLICT (id) DO UPDATE \
+               SET handler = excluded.handler, spec = excluded.spec, \
+                   revision = bindings.revision + 1, updated_at = now() \
+               WHERE bindings.tenant = excluded.tenant \
+             RETURNING id, tenant, handler, spec::text AS spec, revision, created_at, updated_at",
+        )
+        .bind(id)
+        .bind(tenant)
+        .bind(handler)
+        .bind(spec.to_string())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db(OP))?;
+        let Some(row) = row else {
+            return Err(StoreError::Conflict(format!(
+                "binding {id:?} belongs to another tenant"
+            )));
+        };
+        let record = binding(&row)?;
+        sqlx::query("UPDATE bindings_revision SET revision = revision + 1")
+            .execute(&mut *tx)
+            .await
+            .map_err(db(OP))?;
+        tx.commit().await.map_err(db(OP))?;
+        Ok(record)
+    }
+
+    async fn delete_binding(&self, id: &str) -> Result<bool, StoreError> {
+        const OP: &str = "delete binding";
+        let mut tx = self.pool.begin().await.map_err(db(OP))?;
+        let deleted = sqlx::query("DELETE FROM bindings WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(OP))?
+            .rows_affected();
+        if deleted > 0 {
+            sqlx::query("UPDATE bindings_revision SET revision = revision + 1")
+                .execute(&mut *tx)
+                .await
+                .map_err(db(OP))?;
+        }
+        tx.commit().await.map_err(db(OP))?;
+        Ok(deleted > 0)
+    }
+
+    async fn binding(&self, id: &str) -> Result<Option<BindingRecord>, StoreError> {
+        let sql = format!("SELECT {BINDING_COLUMNS} FROM bindings WHERE id = $1");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db("read binding"))?;
+        row.as_ref().map(binding).transpose()
+    }
+
+    async fn list_bindings(&self) -> Result<Vec<BindingRecord>, StoreError> {
+        let sql = format!("SELECT {BINDING_COLUMNS} FROM bindings ORDER BY id");
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("list bindings"))?;
+        rows.iter().map(binding).collect()
+    }
+
+    async fn bindings_revision(&self) -> Result<i64, StoreError> {
+        sqlx::query_scalar("SELECT revision FROM bindings_revision")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db("read bindings revision"))
+    }
+
+    async fn state_get(
+        &self,
+        tenant: &str,
+        handler: &str,
+        key: &[u8],
+        name: &str,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        sqlx::query_scalar(
+            "SELECT value FROM keyed_state \
+             WHERE tenant = $1 AND handler = $2 AND key = $3 AND name = $4",
+        )
+        .bind(tenant)
+        .bind(handler)
+        .bind(key)
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("read keyed state"))
+    }
+
+    async fn commit(&self, batch: &[Completion]) -> Result<Vec<CommitOutcome>, StoreError> {
+        const OP: &str = "commit";
+        batch::validate(batch)?;
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys = batch::processed_keys(batch);
+        let (bindings, messages): (Vec<&str>, Vec<&str>) = keys.into_iter().unzip();
+
+        let mut tx = self.pool.begin().await.map_err(db(OP))?;
+        let inserted: Vec<(String, String)> = sqlx::query_as(
+            "INSERT INTO processed_keys (binding_id, message_id) \
+             SELECT * FROM UNNEST($1::text[], $2::text[]) \
+             ON CONFLICT DO NOTHING \
+             RETURNING binding_id, message_id",
+        )
+        .bind(bindings)
+        .bind(messages)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db(OP))?;
+        let inserted: HashSet<(String, String)> = inserted.into_iter().collect();
+        let (outcomes, writes) = batch::outcomes(batch, &inserted);
+
+        let (sets, deletes): (Vec<_>, Vec<_>) =
+            writes.state.iter().partition(|row| row.value.is_some());
+        if !sets.is_empty() {
+            sqlx::query(
+                "INSERT INTO keyed_state (tenant, handler, key, name, value) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::bytea[], $4::text[], $5::bytea[]) \
+                 ON CONFLICT (tenant, handler, key, name) \
+                 DO UPDATE SET value = excluded.value, updated_at = now()",
+            )
+            .bind(sets.iter().map(|row| row.tenant).collect::<Vec<_>>())
+            .bind(sets.iter().map(|row| row.handler).collect::<Vec<_>>())
+            .bind(sets.iter().map(|row| row.key).collect::<Vec<_>>())
+            .bind(sets.iter().map(|row| row.name).collect::<Vec<_>>())
+            .bind(
+                sets.iter()
+                    .map(|row| row.value.unwrap_or_default())
+                    .collect::<Vec<_>>(),
+            )
+            .execute(&mut *tx)
+            .await
+            .map_err(db(OP))?;
+        }
+        if !deletes.is_empty() {
+            sqlx::query(
+                "DELETE FROM keyed_state s \
+                 USING UNNEST($1::text[], $2::text[], $3::bytea[], $4::text[]) \
+                       AS d(tenant, handler, key, name) \
+                 WHERE s.tenant = d.tenant AND s.handler = d.handler \
+                   AND s.key = d.key AND s.name = d.name",
+            )
+            .bind(deletes.iter().map(|row| row.tenant).collect::<Vec<_>>())
+            .bind(deletes.iter().map(|row| row.handler).collect::<Vec<_>>())
+            .bind(deletes.iter().map(|row| row.key).collect::<Vec<_>>())
+            .bind(deletes.iter().map(|row| row.name).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await
+            .map_err(db(OP))?;
+        }
+        if !writes.outbox.is_empty() {
+            OutboxColumns::new(&writes.outbox)
+                .insert(OP, &mut tx)
+                .await?;
+        }
+        tx.commit().await.map_err(db(OP))?;
+        Ok(outcomes)
+    }
+
+    async fn outbox_insert(
+        &self,
+        tenant: &str,
+        binding_id: Option<&str>,
+        rows: &[OutboxInsert],
+    ) -> Result<Vec<CommitOutcome>, StoreError> {
+        const OP: &str = "insert outbox rows";
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let distinct = batch::distinct_outbox(tenant, binding_id, rows);
+        let mut tx = self.pool.begin().await.map_err(db(OP))?;
+        let inserted = OutboxColumns::new(&distinct).insert(OP, &mut tx).await?;
+        tx.commit().await.map_err(db(OP))?;
+        Ok(batch::insert_outcomes(rows, &inserted))
+    }
+
+    async fn outbox_claim(
+        &self,
+        limit: u32,
+        lease: Duration,
+    ) -> Result<Vec<OutboxRecord>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "UPDATE outbox SET lease_until = now() + $2 * interval '1 microsecond' \
+             WHERE id IN (SELECT id FROM outbox \
+                          WHERE state <> 'sent' AND (lease_until IS NULL OR lease_until <= now()) \
+                          ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
+             RETURNING ",
+            outbox_columns!()
+        ))
+        .bind(claim_limit(limit))
+        .bind(lease_micros(lease))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("claim outbox rows"))?;
+        let mut records = rows
+            .iter()
+            .map(outbox_record)
+            .collect::<Result<Vec<_>, _>>()?;
+        records.sort_by_key(|record| record.id);
+        Ok(records)
+    }
+
+    async fn outbox_mark_sent(&self, ids: &[i64]) -> Result<u64, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let result = sqlx::query(
+            "UPDATE outbox SET state = 'sent', sent_at = now(), lease_until = NULL \
+             WHERE id = ANY($1) AND state <> 'sent'",
+        )
+        .bind(ids)
+        .execute(&self.pool)
+        .await
+        .map_err(db("mark outbox rows sent"))?;
+        Ok(result.rows_affected())
+    }
+
+    async fn outbox_mark_error(&self, id: i64, error: &str) -> Result<bool, StoreError> {
+        let result = sqlx::query(
+            "UPDATE outbox SET state = 'error', attempts = attempts + 1, last_error = $2 \
+             WHERE id = $1 AND state <> 'sent'",
+        )
+        .bind(id)
+        .bind(truncate(error, MAX_ERROR_BYTES))
+        .execute(&self.pool)
+        .await
+        .map_err(db("mark outbox row failed"))?;
+        Ok(result.rows_affected() > 0)
+    }
+
+    async fn outbox_status(&self, message_id: &str) -> Result<Option<OutboxRecord>, StoreError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            outbox_columns!(),
+            " FROM outbox WHERE message_id = $1"
+        ))
+        .bind(message_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("read outbox row"))?;
+        row.as_ref().map(outbox_record).transpose()
+    }
+
+    async fn outbox_pending(&self) -> Result<i64, StoreError> {
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE state <> 'sent'")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db("count pending outbox rows"))
+    }
+
+    async fn outbox_notifications(&self) -> Result<Option<mpsc::Receiver<()>>, StoreError> {
+        const OP: &str = "listen for outbox rows";
+        let mut listener = PgListener::connect_with(&self.pool).await.map_err(db(OP))?;
+        listener.listen(OUTBOX_CHANNEL).await.map_err(db(OP))?;
+        // One slot: a wake-up already queued covers every later one.
+        let (sender, receiver) = mpsc::channel(1);
+        // The task ends when the receiver is dropped or the store is closed; it holds nothing
+        // else, so it needs no shutdown of its own.
+        tokio::spawn(async move {
+            let mut retry = LISTEN_RETRY;
+            loop {
+                let received = tokio::select! {
+                    () = sender.closed() => break,
+                    received = listener.try_recv() => received,
+                };
+                match received {
+                    // A notification; or `None`: the connection was lost and has been
+                    // re-established, and notifications may have been missed meanwhile.
+                    Ok(_) => retry = LISTEN_RETRY,
+                    Err(sqlx::Error::PoolClosed) => break,
+                    Err(error) => {
+                        tracing::warn!(%error, retry_s = retry.as_secs(), "outbox listener: cannot listen, retrying");
+                        tokio::select! {
+                            () = sender.closed() => break,
+                            () = tokio::time::sleep(retry) => {}
+                        }
+                        retry = (retry * 2).min(LISTEN_RETRY_MAX);
+                    }
+                }
+                // Full means a wake-up is already queued; closed ends the loop above.
+                let _ = sender.try_send(());
+            }
+        });
+        Ok(Some(receiver))
+    }
+
+    async fn dlq_insert(&self, entry: &DlqEntryInsert) -> Result<i64, StoreError> {
+        sqlx::query_scalar(
+            "INSERT INTO dlq_entries (tenant, binding_id, handler, handler_version, topic, \
+                 kafka_partition, kafka_offset, message_id, key, payload, headers, timestamp_ms, \
+                 error_kind, error_message, attempts, first_failure_at, last_failure_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb, $12, $13, $14, $15, \
+                     $16, $17) \
+             ON CONFLICT (binding_id, message_id) WHERE state = 'pending' DO UPDATE SET \
+                 handler_version = excluded.handler_version, \
+                 error_kind = excluded.error_kind, \
+                 error_message = excluded.error_message, \
+                 attempts = dlq_entries.attempts + excluded.attempts, \
+                 first_failure_at = LEAST(dlq_entries.first_failure_at, excluded.first_failure_at), \
+                 last_failure_at = GREATEST(dlq_entries.last_failure_at, excluded.last_failure_at) \
+             RETURNING id",
+        )
+        .bind(&entry.tenant)
+        .bind(&entry.binding_id)
+        .bind(&entry.handler)
+        .bind(entry.handler_version)
+        .bind(&entry.topic)
+        .bind(entry.partition)
+        .bind(entry.offset)
+        .bind(&entry.message_id)
+        .bind(entry.key.as_deref())
+        .bind(&entry.payload)
+        .bind(encode_headers(&entry.headers))
+        .bind(entry.timestamp_ms)
+        .bind(entry.error_kind.as_str())
+        .bind(&entry.error_message)
+        .bind(entry.attempts)
+        .bind(entry.first_failure_at)
+        .bind(entry.last_failure_at)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db("insert dlq entry"))
+    }
+
+    async fn dlq_get(&self, tenant: &str, id: i64) -> Result<Option<DlqEntry>, StoreError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            dlq_columns!(),
+            " FROM dlq_entries WHERE tenant = $1 AND id = $2"
+        ))
+        .bind(tenant)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("read dlq entry"))?;
+        row.as_ref().map(dlq_entry).transpose()
+    }
+
+    async fn dlq_list(&self, filter: &DlqFilter) -> Result<Vec<DlqEntry>, StoreError> {
+        let mut query: QueryBuilder<Postgres> = QueryBuilder::new(concat!(
+            "SELECT ",
+            dlq_columns!(),
+            " FROM dlq_entries WHERE true"
+        ));
+        if let Some(tenant) = &filter.tenant {
+            query.push(" AND tenant = ").push_bind(tenant.clone());
+        }
+        if let Some(binding_id) = &filter.binding_id {
+            query
+                .push(" AND binding_id = ")
+                .push_bind(binding_id.clone());
+        }
+        if let Some(handler) = &filter.handler {
+            query.push(" AND handler = ").push_bind(handler.clone());
+        }
+        if let Some(kind) = filter.error_kind {
+            query.push(" AND error_kind = ").push_bind(kind.as_str());
+        }
+        if let Some(since) = filter.since {
+            query.push(" AND last_failure_at >= ").push_bind(since);
+        }
+        if let Some(until) = filter.until {
+            query.push(" AND last_failure_at < ").push_bind(until);
+        }
+        if let Some(state) = filter.state {
+            query.push(" AND state = ").push_bind(state.as_str());
+        }
+        if let Some(after_id) = filter.after_id {
+            query.push(" AND id > ").push_bind(after_id);
+        }
+        query
+            .push(" ORDER BY id LIMIT ")
+            .push_bind(filter.page_size());
+        let rows = query
+            .build()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("list dlq entries"))?;
+        rows.iter().map(dlq_entry).collect()
+    }
+
+    async fn dlq_resolve(
+        &self,
+        tenant: &str,
+        id: i64,
+        resolution: Resolution,
+        note: Option<&str>,
+    ) -> Result<DlqEntry, StoreError> {
+        const OP: &str = "resolve dlq entry";
+        let row = sqlx::query(concat!(
+            "UPDATE dlq_entries SET state = $3, resolved_at = now(), resolution_note = $4 \
+             WHERE tenant = $1 AND id = $2 AND state = 'pending' \
+             RETURNING ",
+            dlq_columns!()
+        ))
+        .bind(tenant)
+        .bind(id)
+        .bind(DlqState::from(resolution).as_str())
+        .bind(note)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db(OP))?;
+        if let Some(row) = row {
+            return dlq_entry(&row);
+        }
+        let state: Option<String> =
+            sqlx::query_scalar("SELECT state FROM dlq_entries WHERE tenant = $1 AND id = $2")
+                .bind(tenant)
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db(OP))?;
+        Err(match state {
+            None => StoreError::NotFound(format!("dlq entry {id} of tenant {tenant}")),
+            Some(state) => StoreError::Conflict(format!("dlq entry {id} is already {state}")),
+        })
+    }
+
+    async fn sweep_processed_keys(&self, older_than: DateTime<Utc>) -> Result<u64, StoreError> {
+        let result = sqlx::query("DELETE FROM processed_keys WHERE processed_at < $1")
+            .bind(older_than)
+            .execute(&self.pool)
+            .await
+            .map_err(db("sweep processed keys"))?;
+        Ok(result.rows_affected())
+    }
+}

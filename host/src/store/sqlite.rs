@@ -1,0 +1,948 @@
+//! [`SqliteStore`]: the store in an SQLite file (or memory), for the embedded dev mode.
+//!
+//! Same logical schema as PostgreSQL, with SQLite's types: `BLOB` for bytes, `TEXT` for JSON,
+//! and `INTEGER` microseconds since the Unix epoch for timestamps (so that they compare and
+//! sort as numbers). Write transactions start with `BEGIN IMMEDIATE`, so two writers queue on
+//! the busy timeout instead of failing to upgrade a read lock. Files use WAL with
+//! `synchronous = FULL`: a commit the store acknowledged survives a power cut, as the
+//! exactly-once promise needs. Batches are written with multi-row `VALUES` lists, chunked to
+//! stay under SQLite's limit on bound parameters.
+
+use std::collections::HashSet;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{ConnectOptions, Connection, QueryBuilder, Row, Sqlite, SqliteConnection};
+use tokio::sync::mpsc;
+
+use super::batch::{self, OutboxRow, StateRow};
+use super::error::db;
+use super::types::{decode_headers, encode_headers, sha256_hex};
+use super::{
+    BindingRecord, CommitOutcome, Completion, DlqEntry, DlqEntryInsert, DlqErrorKind, DlqFilter,
+    DlqState, HandlerVersion, MAX_ERROR_BYTES, OutboxInsert, OutboxRecord, OutboxState, Resolution,
+    Store, StoreError, claim_limit, lease_micros, truncate,
+};
+
+/// Connections to a database file (readers run in parallel under WAL; writers queue).
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 4;
+
+/// How long a writer waits for another one before the store counts as unavailable.
+pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long an operation waits for a free connection.
+pub const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bound parameters per statement: under SQLite's default limit of 32 766.
+const MAX_PARAMETERS: usize = 30_000;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
+
+/// The store in SQLite.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+    /// Senders of [`Store::outbox_notifications`], woken after outbox rows commit.
+    listeners: Arc<Mutex<Vec<mpsc::Sender<()>>>>,
+}
+
+impl SqliteStore {
+    /// Open `url` (`sqlite://<path>`, `sqlite:<path>` or `sqlite::memory:`), creating the file
+    /// if missing. Does not migrate; see [`super::connect`].
+    ///
+    /// An in-memory database lives in a single connection that the pool keeps open for the
+    /// store's lifetime (each SQLite connection to `:memory:` would see its own database).
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(db("connect"))?
+            .create_if_missing(true)
+            .foreign_keys(true)
+            .busy_timeout(DEFAULT_BUSY_TIMEOUT);
+        let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+        let pool = if in_memory {
+            SqlitePoolOptions::new()
+                .max_connections(1)
+                .min_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None)
+        } else {
+            SqlitePoolOptions::new().max_connections(DEFAULT_MAX_CONNECTIONS)
+        };
+        let options = if in_memory {
+            options
+        } else {
+            options
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Full)
+        };
+        // One connection outside the pool first, so that a file that cannot be opened fails
+        // at once with its cause rather than as a pool timeout.
+        let probe = options.connect().await.map_err(db("connect"))?;
+        let _ = probe.close().await;
+        let pool = pool
+            .acquire_timeout(DEFAULT_ACQUIRE_TIMEOUT)
+            .connect_with(options)
+            .await
+            .map_err(db("connect"))?;
+        Ok(Self::from_pool(pool))
+    }
+
+    /// A store over an existing pool.
+    pub fn from_pool(pool: SqlitePool) -> Self {
+        Self {
+            pool,
+            listeners: Arc::default(),
+        }
+    }
+
+    /// The pool, for tests and tools.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// Start a write transaction.
+    async fn begin(
+        &self,
+        operation: &'static str,
+    ) -> Result<sqlx::Transaction<'static, Sqlite>, StoreError> {
+        self.pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db(operation))
+    }
+
+    /// Wake every live notification receiver.
+    fn notify_outbox(&self) {
+        let mut listeners = self
+            .listeners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        listeners.retain(|sender| !sender.is_closed());
+        for sender in listeners.iter() {
+            // Full means a wake-up is already queued.
+            let _ = sender.try_send(());
+        }
+    }
+}
+
+/// Now, as stored.
+fn now() -> i64 {
+    Utc::now().timestamp_micros()
+}
+
+/// A stored timestamp as a time.
+fn time(table: &'static str, micros: i64) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::from_timestamp_micros(micros)
+        .ok_or_else(|| StoreError::corrupt(table, format!("timestamp {micros} out of range")))
+}
+
+fn optional_time(
+    table: &'static str,
+    micros: Option<i64>,
+) -> Result<Option<DateTime<Utc>>, StoreError> {
+    micros.map(|micros| time(table, micros)).transpose()
+}
+
+/// Rows per statement for a multi-row statement with `columns` parameters per row.
+fn chunk_rows(columns: usize) -> usize {
+    (MAX_PARAMETERS / columns).max(1)
+}
+
+const HANDLER_VERSION_COLUMNS: &str = "tenant, handler, version, sha256, size, created_at";
+
+const BINDING_COLUMNS: &str = "id, tenant, handler, spec, revision, created_at, updated_at";
+
+const OUTBOX_COLUMNS: &str = "id, message_id, tenant, binding_id, topic, key, payload, headers, \
+     causation_id, traceparent, state, attempts, last_error, created_at, sent_at";
+
+const DLQ_COLUMNS: &str = "id, tenant, binding_id, handler, handler_version, topic, \
+     kafka_partition, kafka_offset, message_id, key, payload, headers, timestamp_ms, error_kind, \
+     error_message, attempts, first_failure_at, last_failure_at, state, resolved_at, \
+     resolution_note";
+
+/// `SELECT <columns> FROM <rest>` as a statement sqlx accepts; every part is a constant.
+fn select(columns: &str, rest: &str) -> sqlx::AssertSqlSafe<String> {
+    sqlx::AssertSqlSafe(format!("SELECT {columns} FROM {rest}"))
+}
+
+fn handler_version(row: &SqliteRow) -> Result<HandlerVersion, StoreError> {
+    let decode = |error| StoreError::from_sqlx("read handler version", error);
+    Ok(HandlerVersion {
+        tenant: row.try_get("tenant").map_err(decode)?,
+        handler: row.try_get("handler").map_err(decode)?,
+        version: row.try_get("version").map_err(decode)?,
+        sha256: row.try_get("sha256").map_err(decode)?,
+        size: row.try_get("size").map_err(decode)?,
+        created_at: time(
+            "handler_versions",
+            row.try_get("created_at").map_err(decode)?,
+        )?,
+    })
+}
+
+fn binding(row: &SqliteRow) -> Result<BindingRecord, StoreError> {
+    let decode = |error| StoreError::from_sqlx("read binding", error);
+    let spec: String = row.try_get("spec").map_err(decode)?;
+    Ok(BindingRecord {
+        id: row.try_get("id").map_err(decode)?,
+        tenant: row.try_get("tenant").map_err(decode)?,
+        handler: row.try_get("handler").map_err(decode)?,
+        spec: serde_json::from_str(&spec)
+            .map_err(|error| StoreError::corrupt("bindings", format!("spec: {error}")))?,
+        revision: row.try_get("revision").map_err(decode)?,
+        created_at: time("bindings", row.try_get("created_at").map_err(decode)?)?,
+        updated_at: time("bindings", row.try_get("updated_at").map_err(decode)?)?,
+    })
+}
+
+fn outbox_record(row: &SqliteRow) -> Result<OutboxRecord, StoreError> {
+    let decode = |error| StoreError::from_sqlx("read outbox", error);
+    let headers: String = row.try_get("headers").map_err(decode)?;
+    let state: String = row.try_get("state").map_err(decode)?;
+    Ok(OutboxRecord {
+        id: row.try_get("id").map_err(decode)?,
+        message_id: row.try_get("message_id").map_err(decode)?,
+        tenant: row.try_get("tenant").map_err(decode)?,
+        binding_id: row.try_get("binding_id").map_err(decode)?,
+        topic: row.try_get("topic").map_err(decode)?,
+        key: row.try_get("key").map_err(decode)?,
+        payload: row.try_get("payload").map_err(decode)?,
+        headers: decode_headers("outbox", &headers)?,
+        causation_id: row.try_get("causation_id").map_err(decode)?,
+        traceparent: row.try_get("traceparent").map_err(decode)?,
+        state: OutboxState::decode(&state)?,
+        attempts: row.try_get("attempts").map_err(decode)?,
+        last_error: row.try_get("last_error").map_err(decode)?,
+        created_at: time("outbox", row.try_get("created_at").map_err(decode)?)?,
+        sent_at: optional_time("outbox", row.try_get("sent_at").map_err(decode)?)?,
+    })
+}
+
+fn dlq_entry(row: &SqliteRow) -> Result<DlqEntry, StoreError> {
+    const TABLE: &str = "dlq_entries";
+    let decode = |error| StoreError::from_sqlx("read dlq entry", error);
+    let headers: String = row.try_get("headers").map_err(decode)?;
+    let error_kind: String = row.try_get("error_kind").map_err(decode)?;
+    let state: String = row.try_get("state").map_err(decode)?;
+    Ok(DlqEntry {
+        id: row.try_get("id").map_err(decode)?,
+        entry: DlqEntryInsert {
+            tenant: row.try_get("tenant").map_err(decode)?,
+            binding_id: row.try_get("binding_id").map_err(decode)?,
+            handler: row.try_get("handler").map_err(decode)?,
+            handler_version: row.try_get("handler_version").map_err(decode)?,
+            topic: row.try_get("topic").map_err(decode)?,
+            partition: row.try_get("kafka_partition").map_err(decode)?,
+            offset: row.try_get("kafka_offset").map_err(decode)?,
+            message_id: row.try_get("message_id").map_err(decode)?,
+            key: row.try_get("key").map_err(decode)?,
+            payload: row.try_get("payload").map_err(decode)?,
+            headers: decode_headers(TABLE, &headers)?,
+            timestamp_ms: row.try_get("timestamp_ms").map_err(decode)?,
+            error_kind: DlqErrorKind::decode(&error_kind)?,
+            error_message: row.try_get("error_message").map_err(decode)?,
+            attempts: row.try_get("attempts").map_err(decode)?,
+            first_failure_at: time(TABLE, row.try_get("first_failure_at").map_err(decode)?)?,
+            last_failure_at: time(TABLE, row.try_get("last_failure_at").map_err(decode)?)?,
+        },
+        state: DlqState::decode(&state)?,
+        resolved_at: optional_time(TABLE, row.try_get("resolved_at").map_err(decode)?)?,
+        resolution_note: row.try_get("resolution_note").map_err(decode)?,
+    })
+}
+
+/// Insert outbox rows (skipping message ids already present); the message ids inserted.
+async fn insert_outbox(
+    operation: &'static str,
+    conn: &mut SqliteConnection,
+    rows: &[OutboxRow<'_>],
+) -> Result<HashSet<String>, StoreError> {
+    let created_at = now();
+    let mut inserted = HashSet::new();
+    for chunk in rows.chunks(chunk_rows(10)) {
+        let mut query: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "INSERT INTO outbox (message_id, tenant, binding_id, topic, key, payload, headers, \
+                                 causation_id, traceparent, created_at) ",
+        );
+        query.push_values(chunk, |mut values, row| {
+            let insert = row.insert;
+            values
+                .push_bind(insert.message_id.clone())
+                .push_bind(row.tenant.to_owned())
+                .push_bind(row.binding_id.map(str::to_owned))
+                .push_bind(insert.topic.clone())
+                .push_bind(insert.key.clone())
+                .push_bind(insert.payload.clone())
+                .push_bind(encode_headers(&insert.headers))
+                .push_bind(insert.causation_id.clone())
+                .push_bind(insert.traceparent.clone())
+                .push_bind(created_at);
+        });
+        query.push(" ON CONFLICT (message_id) DO NOTHING RETURNING message_id");
+        let ids: Vec<String> = query
+            .build_query_scalar()
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(db(operation))?;
+        inserted.extend(ids);
+    }
+    Ok(inserted)
+}
+
+/// Upsert and delete the final keyed-state rows of a batch.
+async fn write_state(
+    operation: &'static str,
+    conn: &mut SqliteConnection,
+    rows: &[StateRow<'_>],
+) -> Result<(), StoreError> {
+    let (sets, deletes): (Vec<&StateRow<'_>>, Vec<&StateRow<'_>>) =
+        rows.iter().partition(|row| row.value.is_some());
+    let updated_at = now();
+    for chunk in sets.chunks(chunk_rows(6)) {
+        let mut query: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "INSERT INTO keyed_state (tenant, handler, key, name, value, updated_at) ",
+        );
+        query.push_values(chunk, |mut values, row| {
+            values
+                .push_bind(row.tenant.to_owned())
+                .push_bind(row.handler.to_owned())
+                .push_bind(row.key.to_vec())
+                .push_bind(row.name.to_owned())
+                .push_bind(row.value.unwrap_or_default().to_vec())
+                .push_bind(updated_at);
+        });
+        query.push(
+            " ON CONFLICT (tenant, handler, key, name) \
+             DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+        );
+        query
+            .build()
+            .execute(&mut *conn)
+            .await
+            .map_err(db(operation))?;
+    }
+    for chunk in deletes.chunks(chunk_rows(4)) {
+        let mut query: QueryBuilder<Sqlite> =
+            QueryBuilder::new("DELETE FROM keyed_state WHERE (tenant, handler, key, name) IN (");
+        query.push_values(chunk, |mut values, row| {
+            values
+                .push_bind(row.tenant.to_owned())
+                .push_bind(row.handler.to_owned())
+                .push_bind(row.key.to_vec())
+                .push_bind(row.name.to_owned());
+        });
+        query.push(")");
+        query
+            .build()
+            .execute(&mut *conn)
+            .await
+            .map_err(db(operation))?;
+    }
+    Ok(())
+}
+
+#[async_trait::async_trait]
+impl Store for SqliteStore {
+    async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR
+            .run(&self.pool)
+            .await
+            .map_err(StoreError::from_migrate)
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+        self.listeners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
+    async fn put_handler_version(
+        &self,
+        tenant: &str,
+        handler: &str,
+        component: &[u8],
+    ) -> Result<HandlerVersion, StoreError> {
+        const OP: &str = "put handler version";
+        let sha256 = sha256_hex(component);
+        let size = i64::try_from(component.len())
+            .map_err(|_| StoreError::Invalid(format!("component of handler {handler}: size")))?;
+        let created_at = now();
+        // IMMEDIATE: this transaction holds the write lock, so version numbers cannot race.
+        let mut tx = self.begin(OP).await?;
+        sqlx::query(
+            "INSERT INTO handlers (tenant, name, created_at) VALUES ($1, $2, $3) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(tenant)
+        .bind(handler)
+        .bind(created_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(db(OP))?;
+        let existing = sqlx::query(select(
+            HANDLER_VERSION_COLUMNS,
+            "handler_versions WHERE tenant = $1 AND handler = $2 AND sha256 = $3",
+        ))
+        .bind(tenant)
+        .bind(handler)
+        .bind(&sha256)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db(OP))?;
+        let row = match existing {
+            Some(row) => row,
+            None => sqlx::query(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO handler_versions \
+                     (tenant, handler, version, sha256, size, component, created_at) \
+                 SELECT $1, $2, COALESCE(MAX(version), 0) + 1, $3, $4, $5, $6 \
+                 FROM handler_versions WHERE tenant = $1 AND handler = $2 \
+                 RETURNING {HANDLER_VERSION_COLUMNS}"
+            )))
+            .bind(tenant)
+            .bind(handler)
+            .bind(&sha256)
+            .bind(size)
+            .bind(component)
+            .bind(created_at)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db(OP))?,
+        };
+        let version = handler_version(&row)?;
+        tx.commit().await.map_err(db(OP))?;
+        Ok(version)
+    }
+
+    async fn handler_version(
+        &self,
+        tenant: &str,
+        handler: &str,
+        version: i32,
+    ) -> Result<Option<HandlerVersion>, StoreError> {
+        let row = sqlx::query(select(
+            HANDLER_VERSION_COLUMNS,
+            "handler_versions WHERE tenant = $1 AND handler = $2 AND version = $3",
+        ))
+        .bind(tenant)
+        .bind(handler)
+        .bind(version)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("read handler version"))?;
+        row.as_ref().map(handler_version).transpose()
+    }
+
+    async fn component_bytes(
+        &self,
+        tenant: &str,
+        handler: &str,
+        version: i32,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        sqlx::query_scalar(
+            "SELECT component FROM handler_versions \
+             WHERE tenant = $1 AND handler = $2 AND version = $3",
+        )
+        .bind(tenant)
+        .bind(handler)
+        .bind(version)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("read component bytes"))
+    }
+
+    async fn activate(
+        &self,
+        tenant: &str,
+        handler: &str,
+        version: i32,
+    ) -> Result<HandlerVersion, StoreError> {
+        const OP: &str = "activate handler version";
+        let mut tx = self.begin(OP).await?;
+        let row = sqlx::query(select(
+            HANDLER_VERSION_COLUMNS,
+            "handler_versions WHERE tenant = $1 AND handler = $2 AND version = $3",
+        ))
+        .bind(tenant)
+        .bind(handler)
+        .bind(version)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db(OP))?;
+        let Some(row) = row else {
+            return Err(StoreError::NotFound(format!(
+                "version {version} of handler {tenant}/{handler}"
+            )));
+        };
+        sqlx::query("UPDATE handlers SET active_version = $3 WHERE tenant = $1 AND name = $2")
+            .bind(tenant)
+            .bind(handler)
+            .bind(version)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(OP))?;
+        let activated = handler_version(&row)?;
+        tx.commit().await.map_err(db(OP))?;
+        Ok(activated)
+    }
+
+    async fn active_version(
+        &self,
+        tenant: &str,
+        handler: &str,
+    ) -> Result<Option<HandlerVersion>, StoreError> {
+        let row = sqlx::query(select(
+            "v.tenant, v.handler, v.version, v.sha256, v.size, v.created_at",
+            "handlers h JOIN handler_versions v \
+               ON v.tenant = h.tenant AND v.handler = h.name AND v.version = h.active_version \
+             WHERE h.tenant = $1 AND h.name = $2",
+        ))
+        .bind(tenant)
+        .bind(handler)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("read active handler version"))?;
+        row.as_ref().map(handler_version).transpose()
+    }
+
+    async fn list_handler_versions(
+        &self,
+        tenant: &str,
+        handler: &str,
+    ) -> Result<Vec<HandlerVersion>, StoreError> {
+        let rows = sqlx::query(select(
+            HANDLER_VERSION_COLUMNS,
+            "handler_versions WHERE tenant = $1 AND handler = $2 ORDER BY version",
+        ))
+        .bind(tenant)
+        .bind(handler)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("list handler versions"))?;
+        rows.iter().map(handler_version).collect()
+    }
+
+    async fn put_binding(
+        &self,
+        id: &str,
+        tenant: &str,
+        handler: &str,
+        spec: &serde_json::Value,
+    ) -> Result<BindingRecord, StoreError> {
+        const OP: &str = "put binding";
+        let at = now();
+        let mut tx = self.begin(OP).await?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO bindings (id, tenant, handler, spec, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $5) \
+             ON CONFLICT (id) DO UPDATE \
+               SET handler = excluded.handler, spec = excluded.spec, \
+                   revision = bindings.revision + 1, updated_at = excluded.updated_at \
+               WHERE bindings.tenant = excluded.tenant \
+             RETURNING {BINDING_COLUMNS}"
+        )))
+        .bind(id)
+        .bind(tenant)
+        .bind(handler)
+        .bind(spec.to_string())
+        .bind(at)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db(OP))?;
+        let Some(row) = row else {
+            return Err(StoreError::Conflict(format!(
+                "binding {id:?} belongs to another tenant"
+            )));
+        };
+        let record = binding(&row)?;
+        sqlx::query("UPDATE bindings_revision SET revision = revision + 1")
+            .execute(&mut *tx)
+            .await
+            .map_err(db(OP))?;
+        tx.commit().await.map_err(db(OP))?;
+        Ok(record)
+    }
+
+    async fn delete_binding(&self, id: &str) -> Result<bool, StoreError> {
+        const OP: &str = "delete binding";
+        let mut tx = self.begin(OP).await?;
+        let deleted = sqlx::query("DELETE FROM bindings WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(OP))?
+            .rows_affected();
+        if deleted > 0 {
+            sqlx::query("UPDATE bindings_revision SET revision = revision + 1")
+                .execute(&mut *tx)
+                .await
+                .map_err(db(OP))?;
+        }
+        tx.commit().await.map_err(db(OP))?;
+        Ok(deleted > 0)
+    }
+
+    async fn binding(&self, id: &str) -> Result<Option<BindingRecord>, StoreError> {
+        let row = sqlx::query(select(BINDING_COLUMNS, "bindings WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db("read binding"))?;
+        row.as_ref().map(binding).transpose()
+    }
+
+    async fn list_bindings(&self) -> Result<Vec<BindingRecord>, StoreError> {
+        let rows = sqlx::query(select(BINDING_COLUMNS, "bindings ORDER BY id"))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("list bindings"))?;
+        rows.iter().map(binding).collect()
+    }
+
+    async fn bindings_revision(&self) -> Result<i64, StoreError> {
+        sqlx::query_scalar("SELECT revision FROM bindings_revision")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db("read bindings revision"))
+    }
+
+    async fn state_get(
+        &self,
+        tenant: &str,
+        handler: &str,
+        key: &[u8],
+        name: &str,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        sqlx::query_scalar(
+            "SELECT value FROM keyed_state \
+             WHERE tenant = $1 AND handler = $2 AND key = $3 AND name = $4",
+        )
+        .bind(tenant)
+        .bind(handler)
+        .bind(key)
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("read keyed state"))
+    }
+
+    async fn commit(&self, batch: &[Completion]) -> Result<Vec<CommitOutcome>, StoreError> {
+        const OP: &str = "commit";
+        batch::validate(batch)?;
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys = batch::processed_keys(batch);
+        let processed_at = now();
+        let mut tx = self.begin(OP).await?;
+        let mut inserted: HashSet<(String, String)> = HashSet::with_capacity(keys.len());
+        for chunk in keys.chunks(chunk_rows(3)) {
+            let mut query: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT INTO processed_keys (binding_id, message_id, processed_at) ",
+            );
+            query.push_values(chunk, |mut values, (binding_id, message_id)| {
+                values
+                    .push_bind((*binding_id).to_owned())
+                    .push_bind((*message_id).to_owned())
+                    .push_bind(processed_at);
+            });
+            query.push(" ON CONFLICT DO NOTHING RETURNING binding_id, message_id");
+            let rows: Vec<(String, String)> = query
+                .build_query_as()
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db(OP))?;
+            inserted.extend(rows);
+        }
+        let (outcomes, writes) = batch::outcomes(batch, &inserted);
+        write_state(OP, &mut tx, &writes.state).await?;
+        let emitted = if writes.outbox.is_empty() {
+            false
+        } else {
+            !insert_outbox(OP, &mut tx, &writes.outbox).await?.is_empty()
+        };
+        tx.commit().await.map_err(db(OP))?;
+        if emitted {
+            self.notify_outbox();
+        }
+        Ok(outcomes)
+    }
+
+    async fn outbox_insert(
+        &self,
+        tenant: &str,
+        binding_id: Option<&str>,
+        rows: &[OutboxInsert],
+    ) -> Result<Vec<CommitOutcome>, StoreError> {
+        const OP: &str = "insert outbox rows";
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let distinct = batch::distinct_outbox(tenant, binding_id, rows);
+        let mut tx = self.begin(OP).await?;
+        let inserted = insert_outbox(OP, &mut tx, &distinct).await?;
+        tx.commit().await.map_err(db(OP))?;
+        if !inserted.is_empty() {
+            self.notify_outbox();
+        }
+        Ok(batch::insert_outcomes(rows, &inserted))
+    }
+
+    async fn outbox_claim(
+        &self,
+        limit: u32,
+        lease: Duration,
+    ) -> Result<Vec<OutboxRecord>, StoreError> {
+        let at = now();
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE outbox SET lease_until = $1 + $2 \
+             WHERE id IN (SELECT id FROM outbox \
+                          WHERE state <> 'sent' AND (lease_until IS NULL OR lease_until <= $1) \
+                          ORDER BY id LIMIT $3) \
+             RETURNING {OUTBOX_COLUMNS}"
+        )))
+        .bind(at)
+        .bind(lease_micros(lease))
+        .bind(claim_limit(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("claim outbox rows"))?;
+        let mut records = rows
+            .iter()
+            .map(outbox_record)
+            .collect::<Result<Vec<_>, _>>()?;
+        records.sort_by_key(|record| record.id);
+        Ok(records)
+    }
+
+    async fn outbox_mark_sent(&self, ids: &[i64]) -> Result<u64, StoreError> {
+        const OP: &str = "mark outbox rows sent";
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let at = now();
+        let mut tx = self.begin(OP).await?;
+        let mut marked = 0;
+        for chunk in ids.chunks(chunk_rows(1)) {
+            let mut query: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "UPDATE outbox SET state = 'sent', lease_until = NULL, sent_at = ",
+            );
+            query
+                .push_bind(at)
+                .push(" WHERE state <> 'sent' AND id IN (");
+            let mut list = query.separated(", ");
+            for id in chunk {
+                list.push_bind(*id);
+            }
+            query.push(")");
+            marked += query
+                .build()
+                .execute(&mut *tx)
+                .await
+                .map_err(db(OP))?
+                .rows_affected();
+        }
+        tx.commit().await.map_err(db(OP))?;
+        Ok(marked)
+    }
+
+    async fn outbox_mark_error(&self, id: i64, error: &str) -> Result<bool, StoreError> {
+        let result = sqlx::query(
+            "UPDATE outbox SET state = 'error', attempts = attempts + 1, last_error = $2 \
+             WHERE id = $1 AND state <> 'sent'",
+        )
+        .bind(id)
+        .bind(truncate(error, MAX_ERROR_BYTES))
+        .execute(&self.pool)
+        .await
+        .map_err(db("mark outbox row failed"))?;
+        Ok(result.rows_affected() > 0)
+    }
+
+    async fn outbox_status(&self, message_id: &str) -> Result<Option<OutboxRecord>, StoreError> {
+        let row = sqlx::query(select(OUTBOX_COLUMNS, "outbox WHERE message_id = $1"))
+            .bind(message_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db("read outbox row"))?;
+        row.as_ref().map(outbox_record).transpose()
+    }
+
+    async fn outbox_pending(&self) -> Result<i64, StoreError> {
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE state <> 'sent'")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db("count pending outbox rows"))
+    }
+
+    async fn outbox_notifications(&self) -> Result<Option<mpsc::Receiver<()>>, StoreError> {
+        if self.pool.is_closed() {
+            return Err(StoreError::from_sqlx(
+                "listen for outbox rows",
+                sqlx::Error::PoolClosed,
+            ));
+        }
+        // One slot: a wake-up already queued covers every later one.
+        let (sender, receiver) = mpsc::channel(1);
+        self.listeners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(sender);
+        Ok(Some(receiver))
+    }
+
+    async fn dlq_insert(&self, entry: &DlqEntryInsert) -> Result<i64, StoreError> {
+        sqlx::query_scalar(
+            "INSERT INTO dlq_entries (tenant, binding_id, handler, handler_version, topic, \
+                 kafka_partition, kafka_offset, message_id, key, payload, headers, timestamp_ms, \
+                 error_kind, error_message, attempts, first_failure_at, last_failure_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
+             ON CONFLICT (binding_id, message_id) WHERE state = 'pending' DO UPDATE SET \
+                 handler_version = excluded.handler_version, \
+                 error_kind = excluded.error_kind, \
+                 error_message = excluded.error_message, \
+                 attempts = dlq_entries.attempts + excluded.attempts, \
+                 first_failure_at = min(dlq_entries.first_failure_at, excluded.first_failure_at), \
+                 last_failure_at = max(dlq_entries.last_failure_at, excluded.last_failure_at) \
+             RETURNING id",
+        )
+        .bind(&entry.tenant)
+        .bind(&entry.binding_id)
+        .bind(&entry.handler)
+        .bind(entry.handler_version)
+        .bind(&entry.topic)
+        .bind(entry.partition)
+        .bind(entry.offset)
+        .bind(&entry.message_id)
+        .bind(entry.key.as_deref())
+        .bind(&entry.payload)
+        .bind(encode_headers(&entry.headers))
+        .bind(entry.timestamp_ms)
+        .bind(entry.error_kind.as_str())
+        .bind(&entry.error_message)
+        .bind(entry.attempts)
+        .bind(entry.first_failure_at.timestamp_micros())
+        .bind(entry.last_failure_at.timestamp_micros())
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db("insert dlq entry"))
+    }
+
+    async fn dlq_get(&self, tenant: &str, id: i64) -> Result<Option<DlqEntry>, StoreError> {
+        let row = sqlx::query(select(
+            DLQ_COLUMNS,
+            "dlq_entries WHERE tenant = $1 AND id = $2",
+        ))
+        .bind(tenant)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("read dlq entry"))?;
+        row.as_ref().map(dlq_entry).transpose()
+    }
+
+    async fn dlq_list(&self, filter: &DlqFilter) -> Result<Vec<DlqEntry>, StoreError> {
+        let mut query: QueryBuilder<Sqlite> =
+            QueryBuilder::new(format!("SELECT {DLQ_COLUMNS} FROM dlq_entries WHERE 1"));
+        if let Some(tenant) = &filter.tenant {
+            query.push(" AND tenant = ").push_bind(tenant.clone());
+        }
+        if let Some(binding_id) = &filter.binding_id {
+            query
+                .push(" AND binding_id = ")
+                .push_bind(binding_id.clone());
+        }
+        if let Some(handler) = &filter.handler {
+            query.push(" AND handler = ").push_bind(handler.clone());
+        }
+        if let Some(kind) = filter.error_kind {
+            query.push(" AND error_kind = ").push_bind(kind.as_str());
+        }
+        if let Some(since) = filter.since {
+            query
+                .push(" AND last_failure_at >= ")
+                .push_bind(since.timestamp_micros());
+        }
+        if let Some(until) = filter.until {
+            query
+                .push(" AND last_failure_at < ")
+                .push_bind(until.timestamp_micros());
+        }
+        if let Some(state) = filter.state {
+            query.push(" AND state = ").push_bind(state.as_str());
+        }
+        if let Some(after_id) = filter.after_id {
+            query.push(" AND id > ").push_bind(after_id);
+        }
+        query
+            .push(" ORDER BY id LIMIT ")
+            .push_bind(filter.page_size());
+        let rows = query
+            .build()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("list dlq entries"))?;
+        rows.iter().map(dlq_entry).collect()
+    }
+
+    async fn dlq_resolve(
+        &self,
+        tenant: &str,
+        id: i64,
+        resolution: Resolution,
+        note: Option<&str>,
+    ) -> Result<DlqEntry, StoreError> {
+        const OP: &str = "resolve dlq entry";
+        let mut tx = self.begin(OP).await?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE dlq_entries SET state = $3, resolved_at = $5, resolution_note = $4 \
+             WHERE tenant = $1 AND id = $2 AND state = 'pending' \
+             RETURNING {DLQ_COLUMNS}"
+        )))
+        .bind(tenant)
+        .bind(id)
+        .bind(DlqState::from(resolution).as_str())
+        .bind(note)
+        .bind(now())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db(OP))?;
+        let result = match row {
+            Some(row) => dlq_entry(&row),
+            None => {
+                let state: Option<String> = sqlx::query_scalar(
+                    "SELECT state FROM dlq_entries WHERE tenant = $1 AND id = $2",
+                )
+                .bind(tenant)
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db(OP))?;
+                Err(match state {
+                    None => StoreError::NotFound(format!("dlq entry {id} of tenant {tenant}")),
+                    Some(state) => {
+                        StoreError::Conflict(format!("dlq entry {id} is already {state}"))
+                    }
+                })
+            }
+        };
+        tx.commit().await.map_err(db(OP))?;
+        result
+    }
+
+    async fn sweep_processed_keys(&self, older_than: DateTime<Utc>) -> Result<u64, StoreError> {
+        let result = sqlx::query("DELETE FROM processed_keys WHERE processed_at < $1")
+            .bind(older_than.timestamp_micros())
+            .execute(&self.pool)
+            .await
+            .map_err(db("sweep processed keys"))?;
+        Ok(result.rows_affected())
+    }
+}

@@ -1,0 +1,459 @@
+//! The plain records that cross the store boundary, and the encodings both engines share
+//! (header lists as JSON, enum names as text).
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::StoreError;
+use crate::runtime::{Header, StateWrite};
+
+/// One stored version of a handler: metadata only, the component bytes are fetched with
+/// [`Store::component_bytes`](super::Store::component_bytes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HandlerVersion {
+    /// Owning tenant.
+    pub tenant: String,
+    /// Handler name, unique within the tenant.
+    pub handler: String,
+    /// Version number: 1 for the first upload of this handler, then increasing by one.
+    pub version: i32,
+    /// SHA-256 of the component bytes, lower-case hex.
+    pub sha256: String,
+    /// Size of the component in bytes.
+    pub size: i64,
+    /// When this version was first uploaded.
+    pub created_at: DateTime<Utc>,
+}
+
+/// A binding as stored: which handler it runs and its policy, as a JSON document the store
+/// does not interpret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BindingRecord {
+    /// Binding id, unique across tenants.
+    pub id: String,
+    /// Owning tenant.
+    pub tenant: String,
+    /// Name of the handler it runs (of the same tenant).
+    pub handler: String,
+    /// The binding's policy (topics, group, retry, breaker, …).
+    pub spec: serde_json::Value,
+    /// 1 when created, increased by one on every update.
+    pub revision: i64,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+    /// When it was last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A message the pipeline finished successfully, with the effects to commit for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    /// The binding that processed it (first half of the processed key).
+    pub binding_id: String,
+    /// The tenant owning the binding; keyed state and outbox rows are filed under it.
+    pub tenant: String,
+    /// The handler that ran; keyed state is scoped to `(tenant, handler, key)`.
+    pub handler: String,
+    /// The message's identity (second half of the processed key).
+    pub message_id: String,
+    /// The message key; required when there are state writes.
+    pub key: Option<Vec<u8>>,
+    /// Keyed-state writes for `key`, in the order the handler made them.
+    pub state_writes: Vec<StateWrite>,
+    /// Messages to publish through the outbox, in emit order.
+    pub emits: Vec<OutboxInsert>,
+}
+
+/// One message to publish through the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxInsert {
+    /// The record's own stable id (its `message-id` header). Unique in the outbox: inserting an
+    /// id that is already there is a no-op.
+    pub message_id: String,
+    /// Destination topic.
+    pub topic: String,
+    /// Record key.
+    pub key: Option<Vec<u8>>,
+    /// Record value.
+    pub payload: Vec<u8>,
+    /// Headers set by the handler (the relay adds Weir's own when publishing).
+    pub headers: Vec<Header>,
+    /// Id of the message whose processing caused this one.
+    pub causation_id: String,
+    /// W3C `traceparent` of the causing message's trace, when there is one.
+    pub traceparent: Option<String>,
+}
+
+/// What happened to one completion (or one outbox insert) of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CommitOutcome {
+    /// New: its processed key and effects are now committed.
+    Committed,
+    /// Already processed (earlier, or earlier in the same batch): its effects were dropped.
+    Duplicate,
+}
+
+/// Where an outbox row is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutboxState {
+    /// Not yet published.
+    Pending,
+    /// Published and acknowledged by the broker.
+    Sent,
+    /// A publish attempt failed; it will be retried.
+    Error,
+}
+
+/// An outbox row as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRecord {
+    /// Row id; increases with insertion order.
+    pub id: i64,
+    /// The record's stable message id.
+    pub message_id: String,
+    /// Tenant that caused it.
+    pub tenant: String,
+    /// Binding whose handler emitted it; `None` for rows inserted directly (ingest).
+    pub binding_id: Option<String>,
+    /// Destination topic.
+    pub topic: String,
+    /// Record key.
+    pub key: Option<Vec<u8>>,
+    /// Record value.
+    pub payload: Vec<u8>,
+    /// Headers set by the handler.
+    pub headers: Vec<Header>,
+    /// Id of the causing message.
+    pub causation_id: String,
+    /// W3C `traceparent`, when there is one.
+    pub traceparent: Option<String>,
+    /// Pending, sent or error.
+    pub state: OutboxState,
+    /// Failed publish attempts so far.
+    pub attempts: i32,
+    /// The last publish error.
+    pub last_error: Option<String>,
+    /// When the row was written.
+    pub created_at: DateTime<Utc>,
+    /// When it was marked sent.
+    pub sent_at: Option<DateTime<Utc>>,
+}
+
+/// How a message failed, as recorded in a DLQ entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DlqErrorKind {
+    /// The handler kept returning a retryable error (or timing out) until retries ran out.
+    Retryable,
+    /// The handler returned a permanent error, or the message could not be decoded.
+    Permanent,
+    /// The handler trapped (panic, out of memory, stack overflow, …).
+    Trap,
+}
+
+/// Where a DLQ entry is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DlqState {
+    /// Waiting for an operator.
+    Pending,
+    /// Re-delivered to its binding.
+    Replayed,
+    /// Dropped on purpose, with a note.
+    Discarded,
+}
+
+/// How an operator resolved a DLQ entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Resolution {
+    /// It was re-delivered to its binding.
+    Replayed,
+    /// It was dropped on purpose.
+    Discarded,
+}
+
+impl From<Resolution> for DlqState {
+    fn from(resolution: Resolution) -> Self {
+        match resolution {
+            Resolution::Replayed => DlqState::Replayed,
+            Resolution::Discarded => DlqState::Discarded,
+        }
+    }
+}
+
+/// A message to dead-letter: the whole record and why it failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DlqEntryInsert {
+    /// Owning tenant.
+    pub tenant: String,
+    /// Binding that consumed the message (replay re-delivers to it only).
+    pub binding_id: String,
+    /// Handler that ran.
+    pub handler: String,
+    /// Handler version that ran, when one did.
+    pub handler_version: Option<i32>,
+    /// Source topic.
+    pub topic: String,
+    /// Source partition.
+    pub partition: i32,
+    /// Source offset.
+    pub offset: i64,
+    /// The message's identity.
+    pub message_id: String,
+    /// Record key.
+    pub key: Option<Vec<u8>>,
+    /// Record value.
+    pub payload: Vec<u8>,
+    /// Record headers, in order.
+    pub headers: Vec<Header>,
+    /// Record timestamp, milliseconds since the Unix epoch.
+    pub timestamp_ms: Option<i64>,
+    /// How it failed.
+    pub error_kind: DlqErrorKind,
+    /// The last error's message.
+    pub error_message: String,
+    /// Attempts made.
+    pub attempts: i32,
+    /// When the first attempt failed.
+    pub first_failure_at: DateTime<Utc>,
+    /// When the last attempt failed.
+    pub last_failure_at: DateTime<Utc>,
+}
+
+/// A DLQ entry as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DlqEntry {
+    /// Entry id; increases with insertion order (the key of [`DlqFilter::after_id`]).
+    pub id: i64,
+    /// The dead-lettered record and its failure.
+    pub entry: DlqEntryInsert,
+    /// Pending, replayed or discarded.
+    pub state: DlqState,
+    /// When it was resolved.
+    pub resolved_at: Option<DateTime<Utc>>,
+    /// The operator's note on the resolution.
+    pub resolution_note: Option<String>,
+}
+
+/// Which DLQ entries to list. Every field narrows the result; entries come in id order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DlqFilter {
+    /// Only this tenant's entries. `None` lists every tenant's: for the platform admin only.
+    pub tenant: Option<String>,
+    /// Only entries of this binding.
+    pub binding_id: Option<String>,
+    /// Only entries of this handler.
+    pub handler: Option<String>,
+    /// Only entries with this error kind.
+    pub error_kind: Option<DlqErrorKind>,
+    /// Only entries whose last failure is at or after this time.
+    pub since: Option<DateTime<Utc>>,
+    /// Only entries whose last failure is before this time.
+    pub until: Option<DateTime<Utc>>,
+    /// Only entries in this state.
+    pub state: Option<DlqState>,
+    /// Keyset pagination: only entries with a larger id (pass the last id of the previous
+    /// page).
+    pub after_id: Option<i64>,
+    /// Page size; 0 means [`MAX_DLQ_PAGE`], and larger values are capped at it.
+    pub limit: u32,
+}
+
+/// The largest page [`Store::dlq_list`](super::Store::dlq_list) returns.
+pub const MAX_DLQ_PAGE: u32 = 1_000;
+
+/// The largest number of rows [`Store::outbox_claim`](super::Store::outbox_claim) claims at
+/// once.
+pub const MAX_OUTBOX_CLAIM: u32 = 10_000;
+
+impl DlqFilter {
+    /// The page size to use.
+    pub(crate) fn page_size(&self) -> i64 {
+        let limit = if self.limit == 0 {
+            MAX_DLQ_PAGE
+        } else {
+            self.limit.min(MAX_DLQ_PAGE)
+        };
+        i64::from(limit)
+    }
+}
+
+/// The text stored for enum values, and parsing it back.
+macro_rules! text_enum {
+    ($ty:ident, $table:literal, { $($variant:ident => $text:literal),+ $(,)? }) => {
+        impl $ty {
+            /// The name stored in the database.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($ty::$variant => $text),+
+                }
+            }
+
+            pub(crate) fn decode(text: &str) -> Result<Self, StoreError> {
+                text.parse()
+                    .map_err(|()| StoreError::corrupt($table, format!("unknown {} {text:?}", stringify!($ty))))
+            }
+        }
+
+        impl FromStr for $ty {
+            type Err = ();
+
+            fn from_str(text: &str) -> Result<Self, ()> {
+                match text {
+                    $($text => Ok($ty::$variant),)+
+                    _ => Err(()),
+                }
+            }
+        }
+
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+text_enum!(OutboxState, "outbox", { Pending => "pending", Sent => "sent", Error => "error" });
+text_enum!(DlqErrorKind, "dlq_entries", {
+    Retryable => "retryable",
+    Permanent => "permanent",
+    Trap => "trap",
+});
+text_enum!(DlqState, "dlq_entries", {
+    Pending => "pending",
+    Replayed => "replayed",
+    Discarded => "discarded",
+});
+
+/// Headers as stored: a JSON array of `{"key": …, "value": …}`, the value a string when the
+/// bytes are UTF-8 and `{"base64": …}` otherwise (the same shape `weir handler test` prints), so
+/// that an operator reading the table sees text and nothing is lost.
+pub(crate) fn encode_headers(headers: &[Header]) -> String {
+    use crate::runtime::BytesText;
+    #[derive(Serialize)]
+    struct Stored<'a> {
+        key: &'a str,
+        value: BytesText<'a>,
+    }
+    let stored: Vec<Stored<'_>> = headers
+        .iter()
+        .map(|header| Stored {
+            key: &header.key,
+            value: BytesText(&header.value),
+        })
+        .collect();
+    // Serializing strings and byte slices to JSON cannot fail.
+    serde_json::to_string(&stored).unwrap_or_else(|_| "[]".to_owned())
+}
+
+/// The inverse of [`encode_headers`].
+pub(crate) fn decode_headers(table: &'static str, text: &str) -> Result<Vec<Header>, StoreError> {
+    use base64::Engine as _;
+    let bad = |detail: String| StoreError::corrupt(table, format!("headers: {detail}"));
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|error| bad(error.to_string()))?;
+    let items = value
+        .as_array()
+        .ok_or_else(|| bad("not a JSON array".into()))?;
+    items
+        .iter()
+        .map(|item| {
+            let key = item
+                .get("key")
+                .and_then(serde_json::Value::as_str)
+                .ok_or_else(|| bad("a header without a string key".into()))?;
+            let value = match item.get("value") {
+                Some(serde_json::Value::String(text)) => text.as_bytes().to_vec(),
+                Some(serde_json::Value::Object(object)) => {
+                    let encoded = object
+                        .get("base64")
+                        .and_then(serde_json::Value::as_str)
+                        .ok_or_else(|| bad(format!("header {key:?}: value is not text")))?;
+                    base64::engine::general_purpose::STANDARD
+                        .decode(encoded)
+                        .map_err(|error| bad(format!("header {key:?}: {error}")))?
+                }
+                _ => return Err(bad(format!("header {key:?} without a value"))),
+            };
+            Ok(Header {
+                key: key.to_owned(),
+                value,
+            })
+        })
+        .collect()
+}
+
+/// Hex SHA-256 of component bytes.
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_round_trip_text_and_binary_values() {
+        let headers = vec![
+            Header {
+                key: "content-type".into(),
+                value: b"application/json".to_vec(),
+            },
+            Header {
+                key: "trace".into(),
+                value: vec![0xde, 0xad, 0x00, 0xff],
+            },
+            Header {
+                key: "empty".into(),
+                value: Vec::new(),
+            },
+            Header {
+                key: "content-type".into(),
+                value: "naïve ✓".as_bytes().to_vec(),
+            },
+        ];
+        let text = encode_headers(&headers);
+        assert!(text.contains(r#""value":"application/json""#), "{text}");
+        assert!(text.contains(r#""base64""#), "{text}");
+        assert_eq!(decode_headers("outbox", &text).unwrap(), headers);
+        assert_eq!(decode_headers("outbox", "[]").unwrap(), Vec::new());
+        assert!(decode_headers("outbox", "{}").is_err());
+        assert!(decode_headers("outbox", r#"[{"key": "a", "value": 1}]"#).is_err());
+    }
+
+    #[test]
+    fn enum_names_round_trip_and_unknown_ones_are_corrupt() {
+        for state in [OutboxState::Pending, OutboxState::Sent, OutboxState::Error] {
+            assert_eq!(OutboxState::decode(state.as_str()).unwrap(), state);
+        }
+        for kind in [
+            DlqErrorKind::Retryable,
+            DlqErrorKind::Permanent,
+            DlqErrorKind::Trap,
+        ] {
+            assert_eq!(DlqErrorKind::decode(kind.as_str()).unwrap(), kind);
+        }
+        assert!(matches!(
+            DlqState::decode("lost"),
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn dlq_page_size_is_bounded() {
+        let mut filter = DlqFilter::default();
+        assert_eq!(filter.page_size(), i64::from(MAX_DLQ_PAGE));
+        filter.limit = 10;
+        assert_eq!(filter.page_size(), 10);
+        filter.limit = u32::MAX;
+        assert_eq!(filter.page_size(), i64::from(MAX_DLQ_PAGE));
+    }
+}

@@ -1,0 +1,1262 @@
+//! The store contract: every test below is one async function over `&dyn Store`, run once
+//! against the real PostgreSQL server (`tests/services up`), each test in a fresh schema of its
+//! own, and once against an SQLite file in a temporary directory. What one engine does, the
+//! other must do too.
+//!
+//! Without PostgreSQL the `postgres::` half fails; it never skips.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use serde_json::json;
+use weir::runtime::{Header, StateWrite};
+use weir::store::{
+    CommitOutcome, Completion, DlqEntryInsert, DlqErrorKind, DlqFilter, DlqState, OutboxInsert,
+    OutboxState, Resolution, Store, StoreError,
+};
+
+/// Bound on waits for a notification; generous, the two cores are shared with the compiler.
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+const TENANT: &str = "acme";
+const HANDLER: &str = "orders";
+const BINDING: &str = "acme-orders";
+
+use CommitOutcome::{Committed, Duplicate};
+
+// ---- fixtures ---------------------------------------------------------------------------------
+
+fn set(name: &str, value: &str) -> StateWrite {
+    StateWrite {
+        name: name.to_owned(),
+        value: Some(value.as_bytes().to_vec()),
+    }
+}
+
+fn delete(name: &str) -> StateWrite {
+    StateWrite {
+        name: name.to_owned(),
+        value: None,
+    }
+}
+
+fn emit(message_id: &str, causation_id: &str) -> OutboxInsert {
+    OutboxInsert {
+        message_id: message_id.to_owned(),
+        topic: "orders.accepted".to_owned(),
+        key: Some(b"customer-7".to_vec()),
+        payload: format!("payload of {message_id}").into_bytes(),
+        headers: vec![
+            Header {
+                key: "content-type".to_owned(),
+                value: b"text/plain".to_vec(),
+            },
+            Header {
+                key: "raw".to_owned(),
+                value: vec![0x00, 0xff, 0xfe],
+            },
+        ],
+        causation_id: causation_id.to_owned(),
+        traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_owned()),
+    }
+}
+
+/// A completion of `message_id` on the default binding, for message key `key`.
+fn completion(message_id: &str, key: &str, writes: Vec<StateWrite>, emits: &[&str]) -> Completion {
+    Completion {
+        binding_id: BINDING.to_owned(),
+        tenant: TENANT.to_owned(),
+        handler: HANDLER.to_owned(),
+        message_id: message_id.to_owned(),
+        key: Some(key.as_bytes().to_vec()),
+        state_writes: writes,
+        emits: emits.iter().map(|id| emit(id, message_id)).collect(),
+    }
+}
+
+async fn state(store: &dyn Store, key: &str, name: &str) -> Option<String> {
+    store
+        .state_get(TENANT, HANDLER, key.as_bytes(), name)
+        .await
+        .unwrap()
+        .map(|value| String::from_utf8(value).unwrap())
+}
+
+fn at(seconds: i64) -> DateTime<Utc> {
+    Utc.timestamp_opt(1_750_000_000 + seconds, 0).unwrap()
+}
+
+/// Now, at the microsecond precision both engines store.
+fn now() -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).unwrap()
+}
+
+fn dlq_entry(
+    binding_id: &str,
+    message_id: &str,
+    kind: DlqErrorKind,
+    failed_at: i64,
+) -> DlqEntryInsert {
+    DlqEntryInsert {
+        tenant: TENANT.to_owned(),
+        binding_id: binding_id.to_owned(),
+        handler: HANDLER.to_owned(),
+        handler_version: Some(3),
+        topic: "orders".to_owned(),
+        partition: 2,
+        offset: 41 + failed_at,
+        message_id: message_id.to_owned(),
+        key: Some(vec![0xca, 0xfe]),
+        payload: vec![0x00, 0x01, 0xff],
+        headers: vec![Header {
+            key: "message-id".to_owned(),
+            value: message_id.as_bytes().to_vec(),
+        }],
+        timestamp_ms: Some(1_750_000_000_000),
+        error_kind: kind,
+        error_message: format!("{kind} failure of {message_id}"),
+        attempts: 3,
+        first_failure_at: at(failed_at - 5),
+        last_failure_at: at(failed_at),
+    }
+}
+
+// ---- the contract -----------------------------------------------------------------------------
+
+async fn handler_versions_are_idempotent_and_activation_swaps(store: &dyn Store) {
+    let first = store
+        .put_handler_version(TENANT, HANDLER, b"component one")
+        .await
+        .unwrap();
+    assert_eq!(first.version, 1);
+    assert_eq!(first.size, 13);
+    // `printf 'component one' | sha256sum`
+    assert_eq!(
+        first.sha256,
+        "cd09be78fe9747426189500a773832cfaadb60b9c9ad849a7051394c6a282e38"
+    );
+
+    // The same bytes again: the same version, nothing new stored.
+    let again = store
+        .put_handler_version(TENANT, HANDLER, b"component one")
+        .await
+        .unwrap();
+    assert_eq!(again, first);
+    let second = store
+        .put_handler_version(TENANT, HANDLER, b"component two")
+        .await
+        .unwrap();
+    assert_eq!(second.version, 2);
+    assert_ne!(second.sha256, first.sha256);
+    let versions = store.list_handler_versions(TENANT, HANDLER).await.unwrap();
+    assert_eq!(versions, vec![first.clone(), second.clone()]);
+
+    // Versions number per handler, and tenants do not share handlers.
+    let other_handler = store
+        .put_handler_version(TENANT, "refunds", b"component two")
+        .await
+        .unwrap();
+    assert_eq!(other_handler.version, 1);
+    let other_tenant = store
+        .put_handler_version("globex", HANDLER, b"component three")
+        .await
+        .unwrap();
+    assert_eq!(other_tenant.version, 1);
+    assert_eq!(
+        store
+            .list_handler_versions(TENANT, HANDLER)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+
+    assert_eq!(
+        store
+            .component_bytes(TENANT, HANDLER, 2)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some(&b"component two"[..])
+    );
+    assert_eq!(
+        store.component_bytes(TENANT, HANDLER, 3).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store.component_bytes("globex", HANDLER, 2).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store.handler_version(TENANT, HANDLER, 1).await.unwrap(),
+        Some(first.clone())
+    );
+    assert_eq!(
+        store.handler_version(TENANT, HANDLER, 9).await.unwrap(),
+        None
+    );
+
+    // Activation: none at first, then a hot swap, then a rollback.
+    assert_eq!(store.active_version(TENANT, HANDLER).await.unwrap(), None);
+    assert_eq!(store.activate(TENANT, HANDLER, 2).await.unwrap(), second);
+    assert_eq!(
+        store.active_version(TENANT, HANDLER).await.unwrap(),
+        Some(second.clone())
+    );
+    assert_eq!(store.activate(TENANT, HANDLER, 1).await.unwrap(), first);
+    assert_eq!(
+        store.active_version(TENANT, HANDLER).await.unwrap(),
+        Some(first.clone())
+    );
+
+    // A version that does not exist is not activated, and the active one stays.
+    let missing = store.activate(TENANT, HANDLER, 3).await.unwrap_err();
+    assert!(matches!(missing, StoreError::NotFound(_)), "{missing}");
+    assert!(!missing.is_unavailable());
+    let missing = store.activate(TENANT, "nope", 1).await.unwrap_err();
+    assert!(matches!(missing, StoreError::NotFound(_)), "{missing}");
+    assert_eq!(
+        store.active_version(TENANT, HANDLER).await.unwrap(),
+        Some(first)
+    );
+    assert_eq!(store.active_version("globex", HANDLER).await.unwrap(), None);
+}
+
+async fn bindings_upsert_bumps_revision_and_deletion_is_visible(store: &dyn Store) {
+    let start = store.bindings_revision().await.unwrap();
+    assert!(store.list_bindings().await.unwrap().is_empty());
+    assert_eq!(store.binding(BINDING).await.unwrap(), None);
+
+    let spec = json!({"topics": ["orders"], "group": "g1", "retry": {"backoff_ms": [1000, 2000]}});
+    let created = store
+        .put_binding(BINDING, TENANT, HANDLER, &spec)
+        .await
+        .unwrap();
+    assert_eq!(created.revision, 1);
+    assert_eq!(created.spec, spec);
+    assert_eq!(
+        (created.tenant.as_str(), created.handler.as_str()),
+        (TENANT, HANDLER)
+    );
+    let after_create = store.bindings_revision().await.unwrap();
+    assert_ne!(after_create, start);
+
+    let spec2 = json!({"topics": ["orders", "returns"], "group": "g1", "note": "naïve ✓"});
+    let updated = store
+        .put_binding(BINDING, TENANT, HANDLER, &spec2)
+        .await
+        .unwrap();
+    assert_eq!(updated.revision, 2);
+    assert_eq!(updated.spec, spec2);
+    assert_eq!(updated.created_at, created.created_at);
+    assert!(updated.updated_at >= created.updated_at);
+    let after_update = store.bindings_revision().await.unwrap();
+    assert_ne!(after_update, after_create);
+    assert_eq!(store.binding(BINDING).await.unwrap(), Some(updated.clone()));
+
+    // Another tenant cannot take the binding id over.
+    let stolen = store
+        .put_binding(BINDING, "globex", HANDLER, &spec)
+        .await
+        .unwrap_err();
+    assert!(matches!(stolen, StoreError::Conflict(_)), "{stolen}");
+    assert_eq!(store.binding(BINDING).await.unwrap(), Some(updated.clone()));
+    assert_eq!(store.bindings_revision().await.unwrap(), after_update);
+
+    let other = store
+        .put_binding("acme-refunds", TENANT, "refunds", &json!({}))
+        .await
+        .unwrap();
+    let listed = store.list_bindings().await.unwrap();
+    assert_eq!(listed, vec![updated, other.clone()]);
+
+    // Deletion: gone from the list, and the revision says something changed.
+    let before_delete = store.bindings_revision().await.unwrap();
+    assert!(store.delete_binding(BINDING).await.unwrap());
+    assert_ne!(store.bindings_revision().await.unwrap(), before_delete);
+    assert_eq!(store.list_bindings().await.unwrap(), vec![other]);
+    assert_eq!(store.binding(BINDING).await.unwrap(), None);
+    // Deleting what is not there changes nothing.
+    let after_delete = store.bindings_revision().await.unwrap();
+    assert!(!store.delete_binding(BINDING).await.unwrap());
+    assert_eq!(store.bindings_revision().await.unwrap(), after_delete);
+
+    // Re-created, it starts over at revision 1.
+    let recreated = store
+        .put_binding(BINDING, TENANT, HANDLER, &spec)
+        .await
+        .unwrap();
+    assert_eq!(recreated.revision, 1);
+}
+
+async fn commit_writes_state_and_outbox_rows(store: &dyn Store) {
+    let batch = vec![
+        completion(
+            "m1",
+            "customer-7",
+            vec![set("total", "10"), set("count", "1")],
+            &["m1-out-0", "m1-out-1"],
+        ),
+        completion("m2", "customer-8", vec![set("total", "5")], &[]),
+        completion("m3", "customer-7", vec![], &["m3-out-0"]),
+    ];
+    assert_eq!(
+        store.commit(&batch).await.unwrap(),
+        vec![Committed, Committed, Committed]
+    );
+
+    assert_eq!(
+        state(store, "customer-7", "total").await.as_deref(),
+        Some("10")
+    );
+    assert_eq!(
+        state(store, "customer-7", "count").await.as_deref(),
+        Some("1")
+    );
+    assert_eq!(
+        state(store, "customer-8", "total").await.as_deref(),
+        Some("5")
+    );
+    assert_eq!(state(store, "customer-8", "count").await, None);
+    // State is scoped to tenant and handler.
+    assert_eq!(
+        store
+            .state_get("globex", HANDLER, b"customer-7", "total")
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store
+            .state_get(TENANT, "refunds", b"customer-7", "total")
+            .await
+            .unwrap(),
+        None
+    );
+
+    assert_eq!(store.outbox_pending().await.unwrap(), 3);
+    let row = store
+        .outbox_status("m1-out-1")
+        .await
+        .unwrap()
+        .expect("outbox row");
+    let expected = emit("m1-out-1", "m1");
+    assert_eq!(row.message_id, expected.message_id);
+    assert_eq!(row.tenant, TENANT);
+    assert_eq!(row.binding_id.as_deref(), Some(BINDING));
+    assert_eq!(row.topic, expected.topic);
+    assert_eq!(row.key, expected.key);
+    assert_eq!(row.payload, expected.payload);
+    assert_eq!(row.headers, expected.headers);
+    assert_eq!(row.causation_id, "m1");
+    assert_eq!(row.traceparent, expected.traceparent);
+    assert_eq!(row.state, OutboxState::Pending);
+    assert_eq!(row.attempts, 0);
+    assert_eq!(row.last_error, None);
+    assert_eq!(row.sent_at, None);
+    let first = store.outbox_status("m1-out-0").await.unwrap().unwrap();
+    let last = store.outbox_status("m3-out-0").await.unwrap().unwrap();
+    assert!(
+        first.id < row.id && row.id < last.id,
+        "outbox ids follow batch and emit order"
+    );
+    assert_eq!(store.outbox_status("never-emitted").await.unwrap(), None);
+
+    // An empty batch commits nothing and is not an error.
+    assert_eq!(store.commit(&[]).await.unwrap(), Vec::new());
+}
+
+async fn a_message_committed_twice_takes_effect_once(store: &dyn Store) {
+    let first = completion("m1", "customer-7", vec![set("total", "10")], &["m1-out-0"]);
+    assert_eq!(store.commit(&[first]).await.unwrap(), vec![Committed]);
+
+    // Redelivered (say after a crash before the offset commit), and this time the handler
+    // produced different effects: none of them may land.
+    let again = completion(
+        "m1",
+        "customer-7",
+        vec![set("total", "20"), set("extra", "x")],
+        &["m1-out-9"],
+    );
+    assert_eq!(
+        store.commit(std::slice::from_ref(&again)).await.unwrap(),
+        vec![Duplicate]
+    );
+    assert_eq!(
+        state(store, "customer-7", "total").await.as_deref(),
+        Some("10")
+    );
+    assert_eq!(state(store, "customer-7", "extra").await, None);
+    assert_eq!(store.outbox_status("m1-out-9").await.unwrap(), None);
+    assert_eq!(store.outbox_pending().await.unwrap(), 1);
+
+    // In a batch with new messages, only the duplicate is dropped.
+    let batch = vec![
+        completion("m2", "customer-7", vec![set("total", "30")], &["m2-out-0"]),
+        again,
+        completion("m3", "customer-8", vec![set("total", "1")], &[]),
+    ];
+    assert_eq!(
+        store.commit(&batch).await.unwrap(),
+        vec![Committed, Duplicate, Committed]
+    );
+    assert_eq!(
+        state(store, "customer-7", "total").await.as_deref(),
+        Some("30")
+    );
+    assert_eq!(state(store, "customer-7", "extra").await, None);
+    assert_eq!(store.outbox_pending().await.unwrap(), 2);
+
+    // Processed keys are per binding: the same message id on another binding is new.
+    let mut elsewhere = completion(
+        "m1",
+        "customer-9",
+        vec![set("total", "99")],
+        &["other-out-0"],
+    );
+    elsewhere.binding_id = "acme-orders-replica".to_owned();
+    assert_eq!(store.commit(&[elsewhere]).await.unwrap(), vec![Committed]);
+    assert_eq!(
+        state(store, "customer-9", "total").await.as_deref(),
+        Some("99")
+    );
+
+    // An emit whose message id is already in the outbox is not inserted twice.
+    let reemit = completion("m4", "customer-7", vec![], &["m2-out-0", "m4-out-0"]);
+    assert_eq!(store.commit(&[reemit]).await.unwrap(), vec![Committed]);
+    assert_eq!(
+        store
+            .outbox_status("m2-out-0")
+            .await
+            .unwrap()
+            .unwrap()
+            .causation_id,
+        "m2"
+    );
+    assert_eq!(store.outbox_pending().await.unwrap(), 4);
+}
+
+async fn duplicates_within_one_batch_keep_the_first(store: &dyn Store) {
+    let batch = vec![
+        completion(
+            "m1",
+            "customer-7",
+            vec![set("total", "first")],
+            &["m1-out-a"],
+        ),
+        completion("m2", "customer-8", vec![set("total", "m2")], &["m2-out-0"]),
+        completion(
+            "m1",
+            "customer-7",
+            vec![set("total", "second"), set("other", "x")],
+            &["m1-out-b"],
+        ),
+        completion("m1", "customer-7", vec![delete("total")], &[]),
+    ];
+    assert_eq!(
+        store.commit(&batch).await.unwrap(),
+        vec![Committed, Committed, Duplicate, Duplicate]
+    );
+    assert_eq!(
+        state(store, "customer-7", "total").await.as_deref(),
+        Some("first")
+    );
+    assert_eq!(state(store, "customer-7", "other").await, None);
+    assert!(store.outbox_status("m1-out-a").await.unwrap().is_some());
+    assert_eq!(store.outbox_status("m1-out-b").await.unwrap(), None);
+    assert_eq!(store.outbox_pending().await.unwrap(), 2);
+}
+
+async fn state_writes_apply_in_order(store: &dyn Store) {
+    let seed = completion(
+        "m0",
+        "k",
+        vec![set("a", "0"), set("b", "0"), set("c", "0")],
+        &[],
+    );
+    assert_eq!(store.commit(&[seed]).await.unwrap(), vec![Committed]);
+
+    // Within one invocation: set a=1, delete b, set a=2 → a=2, b gone.
+    let one = completion(
+        "m1",
+        "k",
+        vec![set("a", "1"), delete("b"), set("a", "2")],
+        &[],
+    );
+    assert_eq!(store.commit(&[one]).await.unwrap(), vec![Committed]);
+    assert_eq!(state(store, "k", "a").await.as_deref(), Some("2"));
+    assert_eq!(state(store, "k", "b").await, None);
+    assert_eq!(state(store, "k", "c").await.as_deref(), Some("0"));
+
+    // Across the messages of one batch, in batch order; delete then set, and set then delete.
+    let batch = vec![
+        completion("m2", "k", vec![set("x", "1")], &[]),
+        completion("m3", "k", vec![delete("x"), delete("c")], &[]),
+        completion("m4", "k", vec![delete("y")], &[]),
+        completion("m5", "k", vec![set("y", "5"), set("b", "back")], &[]),
+        completion("m6", "other-key", vec![set("a", "elsewhere")], &[]),
+    ];
+    assert_eq!(store.commit(&batch).await.unwrap(), vec![Committed; 5]);
+    assert_eq!(state(store, "k", "x").await, None);
+    assert_eq!(state(store, "k", "c").await, None);
+    assert_eq!(state(store, "k", "y").await.as_deref(), Some("5"));
+    assert_eq!(state(store, "k", "b").await.as_deref(), Some("back"));
+    assert_eq!(state(store, "k", "a").await.as_deref(), Some("2"));
+    assert_eq!(
+        state(store, "other-key", "a").await.as_deref(),
+        Some("elsewhere")
+    );
+
+    // Keys are bytes, not text.
+    let mut binary = completion("m7", "", vec![set("a", "binary")], &[]);
+    binary.key = Some(vec![0x00, 0xff]);
+    assert_eq!(store.commit(&[binary]).await.unwrap(), vec![Committed]);
+    assert_eq!(
+        store
+            .state_get(TENANT, HANDLER, &[0x00, 0xff], "a")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some(&b"binary"[..])
+    );
+
+    // State writes without a message key are refused, and nothing of the batch is written.
+    let mut keyless = completion("m9", "k", vec![set("a", "keyless")], &[]);
+    keyless.key = None;
+    let batch = vec![
+        completion("m8", "k", vec![set("a", "8")], &["m8-out"]),
+        keyless,
+    ];
+    let refused = store.commit(&batch).await.unwrap_err();
+    assert!(matches!(refused, StoreError::Invalid(_)), "{refused}");
+    assert!(!refused.is_unavailable());
+    assert_eq!(state(store, "k", "a").await.as_deref(), Some("2"));
+    assert_eq!(store.outbox_status("m8-out").await.unwrap(), None);
+    // A keyless message without state writes is fine, and m8 was not recorded as processed.
+    let mut keyless = completion("m9", "k", vec![], &[]);
+    keyless.key = None;
+    let batch = vec![completion("m8", "k", vec![set("a", "8")], &[]), keyless];
+    assert_eq!(
+        store.commit(&batch).await.unwrap(),
+        vec![Committed, Committed]
+    );
+    assert_eq!(state(store, "k", "a").await.as_deref(), Some("8"));
+}
+
+async fn a_batch_of_a_thousand_commits_in_one_call(store: &dyn Store) {
+    let batch: Vec<Completion> = (0..1000)
+        .map(|i| {
+            completion(
+                &format!("m{i}"),
+                &format!("key-{}", i % 100),
+                vec![set("last", &i.to_string()), set(&format!("seen-{i}"), "1")],
+                &[&format!("m{i}-out")],
+            )
+        })
+        .collect();
+    assert_eq!(store.commit(&batch).await.unwrap(), vec![Committed; 1000]);
+    assert_eq!(store.outbox_pending().await.unwrap(), 1000);
+    // Batch order: for each key, the last message of the batch wrote `last`.
+    for k in [0, 42, 99] {
+        assert_eq!(
+            state(store, &format!("key-{k}"), "last").await,
+            Some((900 + k).to_string())
+        );
+    }
+    assert_eq!(
+        state(store, "key-7", "seen-507").await.as_deref(),
+        Some("1")
+    );
+
+    // All of it again, plus one new message: only the new one commits.
+    let mut again = batch;
+    again.push(completion(
+        "m1000",
+        "key-0",
+        vec![set("last", "1000")],
+        &["m1000-out"],
+    ));
+    let outcomes = store.commit(&again).await.unwrap();
+    assert_eq!(outcomes[..1000], vec![Duplicate; 1000][..]);
+    assert_eq!(outcomes[1000], Committed);
+    assert_eq!(store.outbox_pending().await.unwrap(), 1001);
+    assert_eq!(state(store, "key-0", "last").await.as_deref(), Some("1000"));
+    // Claims are bounded by their limit and come oldest first.
+    let claimed = store
+        .outbox_claim(600, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 600);
+    assert_eq!(claimed[0].message_id, "m0-out");
+    assert_eq!(claimed[599].message_id, "m599-out");
+    assert!(claimed.windows(2).all(|pair| pair[0].id < pair[1].id));
+    let ids: Vec<i64> = claimed.iter().map(|row| row.id).collect();
+    assert_eq!(store.outbox_mark_sent(&ids).await.unwrap(), 600);
+    assert_eq!(store.outbox_pending().await.unwrap(), 401);
+}
+
+async fn outbox_claim_mark_sent_and_mark_error(store: &dyn Store) {
+    let rows = vec![
+        emit("o1", "c1"),
+        emit("o2", "c2"),
+        emit("o1", "c1-again"),
+        emit("o3", "c3"),
+    ];
+    assert_eq!(
+        store.outbox_insert(TENANT, None, &rows).await.unwrap(),
+        vec![Committed, Committed, Duplicate, Committed]
+    );
+    // Inserting an id that is already there is a no-op.
+    assert_eq!(
+        store
+            .outbox_insert(TENANT, Some(BINDING), &[emit("o2", "other")])
+            .await
+            .unwrap(),
+        vec![Duplicate]
+    );
+    assert_eq!(
+        store.outbox_insert(TENANT, None, &[]).await.unwrap(),
+        Vec::new()
+    );
+    let o1 = store.outbox_status("o1").await.unwrap().unwrap();
+    assert_eq!(
+        (o1.causation_id.as_str(), o1.binding_id.as_deref()),
+        ("c1", None)
+    );
+    assert_eq!(
+        store
+            .outbox_status("o2")
+            .await
+            .unwrap()
+            .unwrap()
+            .causation_id,
+        "c2"
+    );
+    assert_eq!(store.outbox_pending().await.unwrap(), 3);
+
+    // Oldest first, bounded by the limit; claimed rows are not claimed again while leased.
+    let lease = Duration::from_secs(60);
+    let claimed = store.outbox_claim(2, lease).await.unwrap();
+    let names: Vec<&str> = claimed.iter().map(|row| row.message_id.as_str()).collect();
+    assert_eq!(names, vec!["o1", "o2"]);
+    assert_eq!(claimed[0].headers, emit("o1", "c1").headers);
+    let rest = store.outbox_claim(10, lease).await.unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].message_id, "o3");
+    assert!(store.outbox_claim(10, lease).await.unwrap().is_empty());
+
+    // Sent rows leave the pending count, once.
+    assert_eq!(store.outbox_mark_sent(&[claimed[0].id]).await.unwrap(), 1);
+    assert_eq!(store.outbox_mark_sent(&[claimed[0].id]).await.unwrap(), 0);
+    assert_eq!(store.outbox_mark_sent(&[]).await.unwrap(), 0);
+    let sent = store.outbox_status("o1").await.unwrap().unwrap();
+    assert_eq!(sent.state, OutboxState::Sent);
+    assert!(sent.sent_at.is_some());
+    assert_eq!(store.outbox_pending().await.unwrap(), 2);
+
+    // A failed publish counts an attempt, keeps the error, and stays pending.
+    assert!(
+        store
+            .outbox_mark_error(claimed[1].id, "broker unavailable")
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .outbox_mark_error(claimed[1].id, "broker still unavailable")
+            .await
+            .unwrap()
+    );
+    let failed = store.outbox_status("o2").await.unwrap().unwrap();
+    assert_eq!(failed.state, OutboxState::Error);
+    assert_eq!(failed.attempts, 2);
+    assert_eq!(
+        failed.last_error.as_deref(),
+        Some("broker still unavailable")
+    );
+    assert_eq!(store.outbox_pending().await.unwrap(), 2);
+    // A sent row cannot fail any more, and an unknown one is reported.
+    assert!(
+        !store
+            .outbox_mark_error(claimed[0].id, "late")
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.outbox_status("o1").await.unwrap().unwrap().state,
+        OutboxState::Sent
+    );
+    assert!(!store.outbox_mark_error(i64::MAX, "nope").await.unwrap());
+    // Still leased: not retried yet.
+    assert!(store.outbox_claim(10, lease).await.unwrap().is_empty());
+
+    // When the lease runs out the row is claimable again (a relay that died loses nothing).
+    assert_eq!(
+        store
+            .outbox_insert(TENANT, None, &[emit("o4", "c4")])
+            .await
+            .unwrap(),
+        vec![Committed]
+    );
+    let short = store
+        .outbox_claim(10, Duration::from_millis(200))
+        .await
+        .unwrap();
+    assert_eq!(short.len(), 1);
+    assert_eq!(short[0].message_id, "o4");
+    assert!(store.outbox_claim(10, lease).await.unwrap().is_empty());
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let reclaimed = store.outbox_claim(10, lease).await.unwrap();
+    assert_eq!(reclaimed.len(), 1);
+    assert_eq!(reclaimed[0].message_id, "o4");
+    assert_eq!(reclaimed[0].state, OutboxState::Pending);
+    let ids: Vec<i64> = [reclaimed[0].id, failed.id, rest[0].id].into();
+    assert_eq!(store.outbox_mark_sent(&ids).await.unwrap(), 3);
+    assert_eq!(store.outbox_pending().await.unwrap(), 0);
+    assert!(
+        store
+            .outbox_claim(10, Duration::ZERO)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn outbox_notifications_wake_the_relay(store: &dyn Store) {
+    let mut wakeups = store
+        .outbox_notifications()
+        .await
+        .unwrap()
+        .expect("both engines notify");
+    // A commit without emits may or may not wake; one with emits must.
+    let batch = [completion("m1", "k", vec![], &["m1-out"])];
+    assert_eq!(store.commit(&batch).await.unwrap(), vec![Committed]);
+    tokio::time::timeout(TIMEOUT, wakeups.recv())
+        .await
+        .expect("woken after a commit with outbox rows")
+        .expect("listener alive");
+    // So must a direct insert.
+    while wakeups.try_recv().is_ok() {}
+    store
+        .outbox_insert(TENANT, None, &[emit("o1", "c1")])
+        .await
+        .unwrap();
+    tokio::time::timeout(TIMEOUT, wakeups.recv())
+        .await
+        .expect("woken after an outbox insert")
+        .expect("listener alive");
+}
+
+async fn dlq_insert_list_filter_paginate_and_resolve(store: &dyn Store) {
+    let entries = [
+        dlq_entry("b1", "m1", DlqErrorKind::Permanent, 10),
+        dlq_entry("b1", "m2", DlqErrorKind::Retryable, 20),
+        dlq_entry("b2", "m3", DlqErrorKind::Trap, 30),
+        dlq_entry("b1", "m4", DlqErrorKind::Permanent, 40),
+        dlq_entry("b2", "m5", DlqErrorKind::Permanent, 50),
+    ];
+    let mut ids = Vec::new();
+    for entry in &entries {
+        ids.push(store.dlq_insert(entry).await.unwrap());
+    }
+    assert!(ids.windows(2).all(|pair| pair[0] < pair[1]));
+    let mut other_tenant = dlq_entry("g1", "m1", DlqErrorKind::Permanent, 10);
+    other_tenant.tenant = "globex".to_owned();
+    other_tenant.handler = "billing".to_owned();
+    let other_id = store.dlq_insert(&other_tenant).await.unwrap();
+
+    // The whole record comes back.
+    let got = store.dlq_get(TENANT, ids[2]).await.unwrap().expect("entry");
+    assert_eq!(got.id, ids[2]);
+    assert_eq!(got.entry, entries[2]);
+    assert_eq!(got.state, DlqState::Pending);
+    assert_eq!(
+        (got.resolved_at, got.resolution_note.as_deref()),
+        (None, None)
+    );
+    // Never another tenant's.
+    assert_eq!(store.dlq_get("globex", ids[2]).await.unwrap(), None);
+    assert_eq!(store.dlq_get(TENANT, other_id).await.unwrap(), None);
+
+    let list = |filter: DlqFilter| async move {
+        store
+            .dlq_list(&filter)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|entry| entry.entry.message_id)
+            .collect::<Vec<_>>()
+    };
+    let mine = || DlqFilter {
+        tenant: Some(TENANT.to_owned()),
+        ..DlqFilter::default()
+    };
+    assert_eq!(list(mine()).await, ["m1", "m2", "m3", "m4", "m5"]);
+    assert_eq!(list(DlqFilter::default()).await.len(), 6);
+    assert_eq!(
+        list(DlqFilter {
+            binding_id: Some("b2".into()),
+            ..mine()
+        })
+        .await,
+        ["m3", "m5"]
+    );
+    assert_eq!(
+        list(DlqFilter {
+            error_kind: Some(DlqErrorKind::Permanent),
+            ..mine()
+        })
+        .await,
+        ["m1", "m4", "m5"]
+    );
+    assert_eq!(
+        list(DlqFilter {
+            handler: Some("billing".into()),
+            ..mine()
+        })
+        .await,
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        list(DlqFilter {
+            handler: Some("billing".into()),
+            ..DlqFilter::default()
+        })
+        .await,
+        ["m1"]
+    );
+    // since is inclusive, until exclusive, both on the last failure.
+    assert_eq!(
+        list(DlqFilter {
+            since: Some(at(20)),
+            until: Some(at(40)),
+            ..mine()
+        })
+        .await,
+        ["m2", "m3"]
+    );
+    assert_eq!(
+        list(DlqFilter {
+            binding_id: Some("b1".into()),
+            error_kind: Some(DlqErrorKind::Permanent),
+            since: Some(at(11)),
+            ..mine()
+        })
+        .await,
+        ["m4"]
+    );
+
+    // Keyset pagination: pages of two, each after the last id of the previous one.
+    let mut pages = Vec::new();
+    let mut after_id = None;
+    loop {
+        let page = store
+            .dlq_list(&DlqFilter {
+                after_id,
+                limit: 2,
+                ..mine()
+            })
+            .await
+            .unwrap();
+        if page.is_empty() {
+            break;
+        }
+        after_id = page.last().map(|entry| entry.id);
+        pages.push(
+            page.into_iter()
+                .map(|e| e.entry.message_id)
+                .collect::<Vec<_>>(),
+        );
+    }
+    assert_eq!(pages, vec![vec!["m1", "m2"], vec!["m3", "m4"], vec!["m5"]]);
+
+    // Dead-lettering a message that already has a pending entry refreshes that entry.
+    let mut again = entries[1].clone();
+    again.error_kind = DlqErrorKind::Permanent;
+    again.error_message = "still failing".to_owned();
+    again.attempts = 2;
+    again.first_failure_at = at(100);
+    again.last_failure_at = at(110);
+    assert_eq!(store.dlq_insert(&again).await.unwrap(), ids[1]);
+    let refreshed = store.dlq_get(TENANT, ids[1]).await.unwrap().unwrap();
+    assert_eq!(refreshed.entry.error_message, "still failing");
+    assert_eq!(refreshed.entry.error_kind, DlqErrorKind::Permanent);
+    assert_eq!(refreshed.entry.attempts, 5);
+    assert_eq!(
+        refreshed.entry.first_failure_at,
+        entries[1].first_failure_at
+    );
+    assert_eq!(refreshed.entry.last_failure_at, at(110));
+    assert_eq!(list(mine()).await.len(), 5);
+
+    // Resolution: recorded with its note, once; other tenants' entries are not found.
+    let replayed = store
+        .dlq_resolve(
+            TENANT,
+            ids[0],
+            Resolution::Replayed,
+            Some("replayed by ops"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(replayed.state, DlqState::Replayed);
+    assert!(replayed.resolved_at.is_some());
+    assert_eq!(replayed.resolution_note.as_deref(), Some("replayed by ops"));
+    assert_eq!(replayed.entry, entries[0]);
+    let discarded = store
+        .dlq_resolve(TENANT, ids[2], Resolution::Discarded, None)
+        .await
+        .unwrap();
+    assert_eq!(discarded.state, DlqState::Discarded);
+    let twice = store
+        .dlq_resolve(TENANT, ids[0], Resolution::Discarded, None)
+        .await
+        .unwrap_err();
+    assert!(matches!(twice, StoreError::Conflict(_)), "{twice}");
+    let foreign = store
+        .dlq_resolve("globex", ids[3], Resolution::Discarded, None)
+        .await
+        .unwrap_err();
+    assert!(matches!(foreign, StoreError::NotFound(_)), "{foreign}");
+    assert_eq!(
+        store.dlq_get(TENANT, ids[3]).await.unwrap().unwrap().state,
+        DlqState::Pending
+    );
+
+    assert_eq!(
+        list(DlqFilter {
+            state: Some(DlqState::Pending),
+            ..mine()
+        })
+        .await,
+        ["m2", "m4", "m5"]
+    );
+    assert_eq!(
+        list(DlqFilter {
+            state: Some(DlqState::Replayed),
+            ..mine()
+        })
+        .await,
+        ["m1"]
+    );
+
+    // A replayed message that fails again gets a new entry.
+    let new_id = store.dlq_insert(&entries[0]).await.unwrap();
+    assert!(new_id > other_id);
+    assert_eq!(
+        list(DlqFilter {
+            binding_id: Some("b1".into()),
+            ..mine()
+        })
+        .await,
+        ["m1", "m2", "m4", "m1"]
+    );
+}
+
+async fn sweep_forgets_old_processed_keys(store: &dyn Store) {
+    let old = [
+        completion("m1", "k", vec![set("a", "1")], &[]),
+        completion("m2", "k", vec![], &[]),
+    ];
+    assert_eq!(
+        store.commit(&old).await.unwrap(),
+        vec![Committed, Committed]
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let cutoff = now();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let recent = [completion("m3", "k", vec![], &[])];
+    assert_eq!(store.commit(&recent).await.unwrap(), vec![Committed]);
+
+    assert_eq!(store.sweep_processed_keys(cutoff).await.unwrap(), 2);
+    assert_eq!(store.sweep_processed_keys(cutoff).await.unwrap(), 0);
+    // A swept message counts as new again; a recent one is still a duplicate.
+    let replay = [
+        completion("m1", "k", vec![set("a", "2")], &[]),
+        completion("m3", "k", vec![], &[]),
+    ];
+    assert_eq!(
+        store.commit(&replay).await.unwrap(),
+        vec![Committed, Duplicate]
+    );
+    assert_eq!(state(store, "k", "a").await.as_deref(), Some("2"));
+    assert_eq!(store.sweep_processed_keys(at(0)).await.unwrap(), 0);
+}
+
+async fn a_closed_store_is_unavailable(store: &dyn Store) {
+    assert_eq!(
+        store
+            .commit(&[completion("m1", "k", vec![], &[])])
+            .await
+            .unwrap(),
+        vec![Committed]
+    );
+    store.close().await;
+    let error = store
+        .commit(&[completion("m2", "k", vec![], &[])])
+        .await
+        .unwrap_err();
+    assert!(error.is_unavailable(), "{error}");
+    assert!(store.outbox_pending().await.unwrap_err().is_unavailable());
+    assert!(
+        store
+            .bindings_revision()
+            .await
+            .unwrap_err()
+            .is_unavailable()
+    );
+}
+
+// ---- running the contract against both engines -----------------------------------------------
+
+/// A PostgreSQL store in a schema of its own, and what dropping that schema needs.
+struct PgFixture {
+    store: Arc<dyn Store>,
+    admin: sqlx::PgPool,
+    schema: String,
+}
+
+impl PgFixture {
+    async fn new() -> Self {
+        let url = weir_acceptance::services().database_url;
+        let admin = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&url)
+            .await
+            .expect("connect to postgresql (start it with `tests/services up`)");
+        let schema = weir_acceptance::unique_name("store");
+        // `unique_name` yields only [a-z0-9_], so splicing it into SQL is safe.
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+            .execute(&admin)
+            .await
+            .expect("create schema");
+        let separator = if url.contains('?') { '&' } else { '?' };
+        let store = weir::store::connect(&format!(
+            "{url}{separator}options=-c%20search_path%3D{schema}&application_name={schema}"
+        ))
+        .await
+        .expect("connect and migrate");
+        Self {
+            store,
+            admin,
+            schema,
+        }
+    }
+
+    async fn drop(self) {
+        self.store.close().await;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP SCHEMA {} CASCADE",
+            self.schema
+        )))
+        .execute(&self.admin)
+        .await
+        .expect("drop schema");
+    }
+}
+
+/// An SQLite store in a fresh file.
+async fn sqlite_store() -> (tempfile::TempDir, Arc<dyn Store>) {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let url = format!("sqlite://{}", dir.path().join("weir.db").display());
+    let store = weir::store::connect(&url).await.expect("open and migrate");
+    (dir, store)
+}
+
+macro_rules! contract {
+    ($($test:ident),+ $(,)?) => {
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $test() {
+                    let fixture = super::PgFixture::new().await;
+                    super::$test(&*fixture.store).await;
+                    fixture.drop().await;
+                }
+            )+
+        }
+
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $test() {
+                    let (_dir, store) = super::sqlite_store().await;
+                    super::$test(&*store).await;
+                }
+            )+
+        }
+    };
+}
+
+contract!(
+    handler_versions_are_idempotent_and_activation_swaps,
+    bindings_upsert_bumps_revision_and_deletion_is_visible,
+    commit_writes_state_and_outbox_rows,
+    a_message_committed_twice_takes_effect_once,
+    duplicates_within_one_batch_keep_the_first,
+    state_writes_apply_in_order,
+    a_batch_of_a_thousand_commits_in_one_call,
+    outbox_claim_mark_sent_and_mark_error,
+    outbox_notifications_wake_the_relay,
+    dlq_insert_list_filter_paginate_and_resolve,
+    sweep_forgets_old_processed_keys,
+    a_closed_store_is_unavailable,
+);
+
+// ---- engine-specific --------------------------------------------------------------------------
+
+#[tokio::test]
+async fn postgres_that_does_not_listen_is_unavailable() {
+    // Nothing listens on port 1: connection refused.
+    let error = match weir::store::connect("postgres://weir:weir@127.0.0.1:1/weir").await {
+        Ok(_) => panic!("connected to a port where nothing listens"),
+        Err(error) => error,
+    };
+    assert!(error.is_unavailable(), "{error:?}");
+    assert!(error.to_string().contains("unavailable"), "{error}");
+}
+
+#[tokio::test]
+async fn migrations_run_again_are_a_no_op() {
+    let fixture = PgFixture::new().await;
+    fixture.store.migrate().await.unwrap();
+    fixture.store.migrate().await.unwrap();
+    assert_eq!(fixture.store.bindings_revision().await.unwrap(), 0);
+    fixture.drop().await;
+
+    let (dir, store) = sqlite_store().await;
+    store
+        .put_binding(BINDING, TENANT, HANDLER, &json!({"a": 1}))
+        .await
+        .unwrap();
+    store.close().await;
+    // Reopening the file keeps what was written and migrates nothing twice.
+    let url = format!("sqlite://{}", dir.path().join("weir.db").display());
+    let reopened = weir::store::connect(&url).await.unwrap();
+    assert_eq!(
+        reopened.binding(BINDING).await.unwrap().unwrap().spec,
+        json!({"a": 1})
+    );
+}
+
+#[tokio::test]
+async fn sqlite_in_memory_is_one_database() {
+    let store = weir::store::connect("sqlite::memory:").await.unwrap();
+    let batch = [completion("m1", "k", vec![set("a", "1")], &["m1-out"])];
+    assert_eq!(store.commit(&batch).await.unwrap(), vec![Committed]);
+    // Every later call sees the same database, whichever pooled connection it gets.
+    let reads = (0..8).map(|_| state(&*store, "k", "a"));
+    for value in futures::future::join_all(reads).await {
+        assert_eq!(value.as_deref(), Some("1"));
+    }
+    assert_eq!(store.commit(&batch).await.unwrap(), vec![Duplicate]);
+}
+
+#[tokio::test]
+async fn unknown_url_schemes_are_invalid() {
+    let error = match weir::store::connect("mysql://localhost/weir").await {
+        Ok(_) => panic!("accepted a mysql url"),
+        Err(error) => error,
+    };
+    assert!(matches!(error, StoreError::Invalid(_)), "{error}");
+    assert!(!error.is_unavailable());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_commits_of_one_message_commit_it_once() {
+    // Two replicas finishing the same message at the same moment (a rebalance): exactly one
+    // transaction wins, on both engines.
+    let fixture = PgFixture::new().await;
+    let (_dir, sqlite) = sqlite_store().await;
+    for store in [fixture.store.clone(), sqlite] {
+        let mut tasks = Vec::new();
+        for attempt in 0..8 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let batch = [completion(
+                    "contended",
+                    "k",
+                    vec![set("winner", &attempt.to_string())],
+                    &[&format!("out-{attempt}")],
+                )];
+                store.commit(&batch).await.unwrap()[0]
+            }));
+        }
+        let mut outcomes = BTreeMap::new();
+        for task in tasks {
+            *outcomes
+                .entry(format!("{:?}", task.await.unwrap()))
+                .or_insert(0) += 1;
+        }
+        assert_eq!(outcomes.get("Committed"), Some(&1), "{outcomes:?}");
+        assert_eq!(outcomes.get("Duplicate"), Some(&7), "{outcomes:?}");
+        assert_eq!(store.outbox_pending().await.unwrap(), 1);
+        let winner = state(&*store, "k", "winner").await.unwrap();
+        let row = store.outbox_status(&format!("out-{winner}")).await.unwrap();
+        assert!(row.is_some(), "the winner's emit is the one in the outbox");
+    }
+    fixture.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_connections_killed_by_the_server_are_replaced() {
+    let fixture = PgFixture::new().await;
+    let store = &*fixture.store;
+    assert_eq!(
+        store
+            .commit(&[completion("m1", "k", vec![set("a", "1")], &[])])
+            .await
+            .unwrap(),
+        vec![Committed]
+    );
+    // An operator (or a fail-over) kills every connection of this store.
+    let terminate = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                     WHERE application_name = $1";
+    let killed: i64 = sqlx::query_scalar(terminate)
+        .bind(&fixture.schema)
+        .fetch_one(&fixture.admin)
+        .await
+        .unwrap();
+    assert!(killed >= 1, "no connection of the store was found to kill");
+    let mut errors = Vec::new();
+    let outcome = loop {
+        match store
+            .commit(&[completion("m2", "k", vec![set("a", "2")], &[])])
+            .await
+        {
+            Ok(outcome) => break outcome,
+            Err(error) => {
+                // The pipeline's part: an unavailable store is retried, anything else is a bug.
+                assert!(error.is_unavailable(), "{error}");
+                errors.push(error.to_string());
+                assert!(errors.len() < 20, "the store did not come back: {errors:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    eprintln!(
+        "after the kill: {} unavailable answer(s) {errors:?}",
+        errors.len()
+    );
+    assert_eq!(outcome, vec![Committed]);
+    assert_eq!(state(store, "k", "a").await.as_deref(), Some("2"));
+    fixture.drop().await;
+}
+
+#[tokio::test]
+async fn sqlite_file_that_cannot_be_opened_is_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!(
+        "sqlite://{}",
+        dir.path().join("missing/dir/weir.db").display()
+    );
+    let error = match weir::store::connect(&url).await {
+        Ok(_) => panic!("opened a file in a directory that does not exist"),
+        Err(error) => error,
+    };
+    assert!(error.is_unavailable(), "{error:?}");
+    assert!(error.to_string().contains("unable to open"), "{error}");
+}
