@@ -7,9 +7,14 @@
 //!   decisions.
 //! * [`store`] — persistence: handlers, bindings, processed keys, keyed state, outbox and DLQ,
 //!   on PostgreSQL or SQLite.
+//! * [`kafka`] — Weir's side of librdkafka: client settings, record conversion, and the outbox
+//!   relay that publishes emitted messages.
+//! * [`config`] — the whole configuration, `weir.toml` and its `WEIR_*` environment overrides.
 //! * [`cli`] — the `weir` command line.
 
 pub mod cli;
+pub mod config;
+pub mod kafka;
 pub mod pipeline;
 pub mod runtime;
 pub mod store;

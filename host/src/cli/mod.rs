@@ -3,7 +3,11 @@
 //! Owns exit codes and how results are printed. Each command lives in its own module and talks
 //! to the library through its public API only.
 
+mod binding;
+mod common;
+mod deploy;
 mod handler_test;
+mod migrate;
 
 use std::process::ExitCode;
 
@@ -15,13 +19,14 @@ pub mod exit {
     pub const OK: u8 = 0;
     /// The handler returned an error (retryable or permanent).
     pub const HANDLER_ERROR: u8 = 1;
-    /// Bad command-line usage (clap's convention).
+    /// Bad command-line usage (clap's convention), or binding settings that do not validate
+    /// (`handler deploy`).
     pub const USAGE: u8 = 2;
     /// The handler trapped or hit a sandbox limit (deadline, memory, stack, a refused effect).
     pub const TRAP_OR_LIMIT: u8 = 3;
     /// The file is not a valid Weir handler component.
     pub const INVALID_COMPONENT: u8 = 4;
-    /// Anything else went wrong (unreadable file, bad runtime settings, …).
+    /// Anything else went wrong (unreadable file, invalid configuration, store unreachable, …).
     pub const FAILURE: u8 = 5;
 }
 
@@ -34,10 +39,19 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant, reason = "parsed once per process")]
 enum Command {
     /// Work with handler components.
     #[command(subcommand)]
     Handler(HandlerCommand),
+    /// Work with bindings (a handler subscribed to topics).
+    #[command(subcommand)]
+    Binding(BindingCommand),
+    /// Apply the store's pending schema migrations.
+    ///
+    /// Exit code 0 when the schema is current, 5 when the store cannot be reached or a
+    /// migration fails.
+    Migrate(migrate::MigrateArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -48,6 +62,18 @@ enum HandlerCommand {
     /// when the handler returned ok, 1 on a handler error, 3 on a trap or sandbox limit, 4 when
     /// the file is not a valid Weir handler.
     Test(handler_test::TestArgs),
+    /// Upload a handler component, make it the active version, and bind it to topics.
+    ///
+    /// Checks everything before writing anything: exit code 2 when a binding setting is
+    /// invalid, 4 when the file is not a valid Weir handler, 5 when the store fails. Uploading
+    /// the same bytes again keeps the version; the binding is replaced (its revision grows).
+    Deploy(deploy::DeployArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum BindingCommand {
+    /// List the stored bindings: id, tenant, handler, topics, revision.
+    List(binding::ListArgs),
 }
 
 /// How results are printed.
@@ -66,6 +92,9 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Handler(HandlerCommand::Test(args)) => handler_test::run(args),
+        Command::Handler(HandlerCommand::Deploy(args)) => deploy::run(args),
+        Command::Binding(BindingCommand::List(args)) => binding::list(args),
+        Command::Migrate(args) => migrate::run(args),
     };
     ExitCode::from(code)
 }

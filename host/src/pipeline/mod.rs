@@ -20,10 +20,13 @@
 //! They know nothing of Kafka, PostgreSQL or wasmtime, so they are tested in isolation (with
 //! property tests) and cost little on the hot path. The stages that do I/O drive them.
 
+pub mod binding;
 pub mod dispatch;
 pub mod offsets;
 pub mod retry;
+pub mod worker;
 
+pub use binding::{BindingError, BindingSpec};
 pub use dispatch::{KeyScheduler, Ordering, Ticket};
 pub use offsets::{OffsetError, OffsetTracker, PartitionOffsets};
 pub use retry::{Decision, FailureKind, JitterRng, RetryPolicy, RetryPolicyError};

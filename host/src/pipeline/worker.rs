@@ -1,0 +1,874 @@
+//! One binding at work: Kafka intake → key-ordered dispatch → invocation → group commit →
+//! offsets. The first end-to-end path of the pipeline.
+//!
+//! Owns the binding's consumer (on a dedicated OS thread, so librdkafka's rebalance callbacks may
+//! block for the drain without blocking the async executor), the coordinator task that drives
+//! the pure core ([`KeyScheduler`], [`PartitionOffsets`], [`RetryPolicy`]), the invocation
+//! tasks, and the group commit. Knows nothing of SQL (it talks to [`Store`]) nor of how
+//! components are loaded (it is given a [`HandlerPool`]).
+//!
+//! Order of events for one message: received → offset tracked → queued → dispatched when its
+//! key is free → invoked (retried after backoff while its key stays occupied) → its completion
+//! joins the next group commit (or it is dead-lettered) → only after the commit is its key
+//! freed and its offset completed; the contiguous watermark is stored for the next auto-commit.
+//! Freeing the key only after the commit means the next message of that key reads committed
+//! state: per-key order holds for state too, without an overlay of uncommitted writes.
+//!
+//! Not yet here (tracked in the pipeline issue): pausing partitions instead of blocking intake
+//! while the store is down, hot swap of the handler version, per-tenant rate limits.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use futures::future::BoxFuture;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::message::{Headers, Message as _};
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+
+use super::binding::BindingSpec;
+use super::dispatch::{KeyScheduler, Ticket};
+use super::offsets::PartitionOffsets;
+use super::retry::{Decision, FailureKind, JitterRng};
+use crate::runtime::{
+    ContentHash, ErrorKind, HandlerPool, Header, InvocationContext, Message, Outcome, OutputTopics,
+    StateSource, TrapKind,
+};
+use crate::store::{Completion, DlqEntryInsert, DlqErrorKind, OutboxInsert, Store, StoreError};
+
+/// Default completions per group commit.
+pub const DEFAULT_COMMIT_BATCH_MAX: usize = 512;
+/// Default wait for more completions before a commit: 5 ms.
+pub const DEFAULT_COMMIT_LINGER: Duration = Duration::from_millis(5);
+/// Default drain deadline on revocation: 20 s, well inside the default 45 s session timeout.
+pub const DEFAULT_DRAIN_DEADLINE: Duration = Duration::from_secs(20);
+
+/// How a worker runs.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// Completions per group commit, at most.
+    pub commit_batch_max: usize,
+    /// How long a completion may wait for others before the commit.
+    pub commit_linger: Duration,
+    /// How long a revocation waits for in-flight messages before giving the partitions up.
+    pub drain_deadline: Duration,
+    /// Messages received but not yet done, at most (backpressure on intake).
+    pub max_pending: usize,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        Self {
+            commit_batch_max: DEFAULT_COMMIT_BATCH_MAX,
+            commit_linger: DEFAULT_COMMIT_LINGER,
+            drain_deadline: DEFAULT_DRAIN_DEADLINE,
+            max_pending: 4096,
+        }
+    }
+}
+
+/// Counters of one worker, readable while it runs.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    /// Messages received from Kafka.
+    pub consumed: AtomicU64,
+    /// Messages whose effects committed.
+    pub committed: AtomicU64,
+    /// Messages found already processed (their effects dropped).
+    pub duplicates: AtomicU64,
+    /// Retries scheduled.
+    pub retried: AtomicU64,
+    /// Messages dead-lettered.
+    pub dead_lettered: AtomicU64,
+    /// Group commits made.
+    pub commits: AtomicU64,
+    /// Whether the store was unreachable at the last attempt.
+    pub store_unavailable: AtomicBool,
+}
+
+/// Why a worker stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The consumer could not be created or subscribed.
+    #[error("binding {binding}: cannot consume {topics:?}: {message}")]
+    Consumer {
+        /// Binding id.
+        binding: String,
+        /// Topics.
+        topics: Vec<String>,
+        /// librdkafka's explanation.
+        message: String,
+    },
+}
+
+/// Everything a worker needs.
+pub struct Worker {
+    /// Binding id (first half of the processed key).
+    pub binding_id: String,
+    /// The binding's policy.
+    pub spec: BindingSpec,
+    /// The handler's active version, pooled.
+    pub handler: Arc<HandlerPool>,
+    /// The active version's number, recorded in DLQ entries.
+    pub handler_version: Option<i32>,
+    /// Where effects, state and the DLQ live.
+    pub store: Arc<dyn Store>,
+    /// librdkafka settings (bootstrap servers and overrides); the worker adds its own.
+    pub kafka: ClientConfig,
+    /// Batching and drain settings.
+    pub settings: WorkerSettings,
+    /// Counters.
+    pub stats: Arc<WorkerStats>,
+}
+
+/// Topic index and partition: the unit of ordering and offsets.
+type Part = (u16, i32);
+
+/// What the intake thread tells the coordinator.
+enum Intake {
+    Message(Box<Message>),
+    Assign(Vec<(String, i32)>),
+    Revoke(Vec<(String, i32)>, std::sync::mpsc::SyncSender<()>),
+}
+
+/// A message in the coordinator's hands.
+struct Pending {
+    message: Arc<Message>,
+    part: Part,
+    offset: i64,
+    first_failure: Option<chrono::DateTime<Utc>>,
+}
+
+/// What an invocation task reports.
+enum Done {
+    /// Handled: commit these effects.
+    Success(u64, Completion),
+    /// Failed; the retry policy decides.
+    Failed {
+        slot: u64,
+        kind: FailureKind,
+        dlq_kind: DlqErrorKind,
+        message: String,
+    },
+    /// Retry scheduled and now due: run it again.
+    RetryDue(u64),
+    /// Dead-lettered (stored and queued for the DLQ topic).
+    DeadLettered(u64),
+}
+
+struct IntakeContext {
+    events: mpsc::Sender<Intake>,
+    drain_deadline: Duration,
+}
+
+impl ClientContext for IntakeContext {}
+
+impl ConsumerContext for IntakeContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(list) = rebalance {
+            let parts: Vec<(String, i32)> = list
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_owned(), e.partition()))
+                .collect();
+            // Callbacks run on the intake thread (never on the executor), so waiting here is
+            // the drain. Should one ever run on an executor thread, do not block it.
+            if tokio::runtime::Handle::try_current().is_err() {
+                let (ack, acked) = std::sync::mpsc::sync_channel(1);
+                if self
+                    .events
+                    .blocking_send(Intake::Revoke(parts, ack))
+                    .is_ok()
+                    && acked.recv_timeout(self.drain_deadline).is_err()
+                {
+                    tracing::warn!(
+                        "drain deadline passed on revocation; uncommitted messages will be redelivered"
+                    );
+                }
+            }
+            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+                tracing::debug!(error = %e, "commit on revocation");
+            }
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(list) = rebalance {
+            let parts = list
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_owned(), e.partition()))
+                .collect();
+            let _ = self.events.try_send(Intake::Assign(parts));
+        }
+    }
+}
+
+/// Reads keyed state from the store.
+struct StoreState {
+    store: Arc<dyn Store>,
+    tenant: String,
+    handler: String,
+}
+
+impl StateSource for StoreState {
+    fn get<'a>(
+        &'a self,
+        key: &'a [u8],
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, String>> {
+        Box::pin(async move {
+            self.store
+                .state_get(&self.tenant, &self.handler, key, name)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
+/// The id of a message: its `message-id` header, else `topic/partition/offset`.
+pub fn message_id(topic: &str, partition: i32, offset: i64, headers: &[Header]) -> String {
+    headers
+        .iter()
+        .find(|h| h.key == "message-id")
+        .and_then(|h| std::str::from_utf8(&h.value).ok())
+        .filter(|id| !id.is_empty())
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("{topic}/{partition}/{offset}"))
+}
+
+/// The stable id of the `index`-th record emitted while handling `message_id` in `binding`.
+pub fn emitted_id(binding: &str, message_id: &str, index: usize) -> String {
+    let digest = ContentHash::of(format!("{binding}\0{message_id}\0{index}").as_bytes()).to_hex();
+    digest[..32].to_owned()
+}
+
+impl Worker {
+    /// Consume until `shutdown` flips to true. Returns after the in-flight messages are done
+    /// or the drain deadline passed, with the offsets of everything committed stored.
+    pub async fn run(
+        self,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), WorkerError> {
+        let (events_tx, mut events) = mpsc::channel::<Intake>(1024);
+        let context = IntakeContext {
+            events: events_tx,
+            drain_deadline: self.settings.drain_deadline,
+        };
+        let mut config = self.kafka.clone();
+        config
+            .set("group.id", self.spec.group_id())
+            .set("enable.auto.commit", "true")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "45000");
+        let consumer_error = |message: String| WorkerError::Consumer {
+            binding: self.binding_id.clone(),
+            topics: self.spec.topics.clone(),
+            message,
+        };
+        let consumer: Arc<BaseConsumer<IntakeContext>> = Arc::new(
+            config
+                .create_with_context(context)
+                .map_err(|e| consumer_error(e.to_string()))?,
+        );
+        let topics: Vec<&str> = self.spec.topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&topics)
+            .map_err(|e| consumer_error(e.to_string()))?;
+
+        let stop_intake = Arc::new(AtomicBool::new(false));
+        let intake = {
+            let consumer = consumer.clone();
+            let stop = stop_intake.clone();
+            let stats = self.stats.clone();
+            let binding = self.binding_id.clone();
+            std::thread::Builder::new()
+                .name(format!("weir-intake-{binding}"))
+                .spawn(move || intake_loop(&consumer, &stop, &stats))
+                .map_err(|e| consumer_error(format!("cannot start the intake thread: {e}")))?
+        };
+
+        let mut coordinator = Coordinator::new(&self, consumer.clone());
+        loop {
+            let linger = coordinator.commit_deadline();
+            tokio::select! {
+                biased;
+                changed = shutdown.changed() => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        break;
+                    }
+                }
+                Some(done) = coordinator.done_rx.recv() => coordinator.on_done(done).await,
+                event = events.recv(), if coordinator.has_room() => match event {
+                    Some(event) => coordinator.on_intake(event).await,
+                    None => break,
+                },
+                _ = sleep_until(linger), if linger.is_some() => coordinator.flush().await,
+            }
+            if coordinator.batch.len() >= self.settings.commit_batch_max {
+                coordinator.flush().await;
+            }
+            coordinator.dispatch();
+            coordinator.check_drain().await;
+        }
+
+        // Shutdown: let in-flight work finish (bounded), commit, store offsets, then stop intake.
+        let deadline = Instant::now() + self.settings.drain_deadline;
+        while coordinator.scheduler.in_flight() > 0 && Instant::now() < deadline {
+            tokio::select! {
+                Some(done) = coordinator.done_rx.recv() => coordinator.on_done(done).await,
+                _ = tokio::time::sleep(self.settings.commit_linger) => coordinator.flush().await,
+            }
+        }
+        coordinator.flush().await;
+        // The intake thread must hold the last reference to the consumer, so that closing it
+        // (which runs the revocation callback) happens there, not on the executor.
+        drop(coordinator);
+        drop(consumer);
+        stop_intake.store(true, AtomicOrdering::Relaxed);
+        // Keep answering revocations while the intake thread closes the consumer.
+        let mut closer = tokio::task::spawn_blocking(move || {
+            let _ = intake.join();
+        });
+        loop {
+            tokio::select! {
+                _ = &mut closer => break,
+                event = events.recv() => match event {
+                    Some(Intake::Revoke(_, ack)) => {
+                        let _ = ack.send(());
+                    }
+                    Some(_) => {}
+                    None => {
+                        let _ = (&mut closer).await;
+                        break;
+                    }
+                },
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn intake_loop(consumer: &BaseConsumer<IntakeContext>, stop: &AtomicBool, stats: &WorkerStats) {
+    while !stop.load(AtomicOrdering::Relaxed) {
+        match consumer.poll(Duration::from_millis(100)) {
+            None => {}
+            Some(Err(e)) => tracing::warn!(error = %e, "kafka consumer error"),
+            Some(Ok(record)) => {
+                let headers: Vec<Header> = record
+                    .headers()
+                    .map(|hs| {
+                        hs.iter()
+                            .map(|h| Header {
+                                key: h.key.to_owned(),
+                                value: h.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let message = Message {
+                    id: message_id(
+                        record.topic(),
+                        record.partition(),
+                        record.offset(),
+                        &headers,
+                    ),
+                    topic: record.topic().to_owned(),
+                    partition: record.partition().max(0) as u32,
+                    offset: record.offset().max(0) as u64,
+                    key: record.key().map(<[u8]>::to_vec),
+                    payload: record.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                    headers,
+                    timestamp_ms: record.timestamp().to_millis(),
+                    tenant: String::new(),
+                    attempt: 1,
+                };
+                stats.consumed.fetch_add(1, AtomicOrdering::Relaxed);
+                if consumer
+                    .context()
+                    .events
+                    .blocking_send(Intake::Message(Box::new(message)))
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }
+    }
+    // Leaving the group runs the revocation callback, which commits what was stored.
+    consumer.unsubscribe();
+    let _ = consumer.commit_consumer_state(CommitMode::Sync);
+}
+
+struct Coordinator {
+    binding_id: String,
+    spec: Arc<BindingSpec>,
+    topics: Vec<String>,
+    handler: Arc<HandlerPool>,
+    handler_version: Option<i32>,
+    store: Arc<dyn Store>,
+    consumer: Arc<BaseConsumer<IntakeContext>>,
+    settings: WorkerSettings,
+    stats: Arc<WorkerStats>,
+    context: InvocationContext,
+    scheduler: KeyScheduler<Pending, Part>,
+    offsets: PartitionOffsets<Part>,
+    tickets: HashMap<u64, Ticket<Pending, Part>>,
+    next_slot: u64,
+    batch: Vec<(u64, Completion)>,
+    batch_started: Option<Instant>,
+    done_tx: mpsc::UnboundedSender<Done>,
+    done_rx: mpsc::UnboundedReceiver<Done>,
+    jitter: JitterRng,
+    /// A revocation in progress: its acknowledgement, deadline and partitions.
+    draining: Option<(std::sync::mpsc::SyncSender<()>, Instant, Vec<Part>)>,
+    store_backoff: Duration,
+}
+
+impl Coordinator {
+    fn new(worker: &Worker, consumer: Arc<BaseConsumer<IntakeContext>>) -> Self {
+        let spec = Arc::new(worker.spec.clone());
+        let context = InvocationContext {
+            config: Arc::new(spec.config.clone().into_iter().collect::<BTreeMap<_, _>>()),
+            output_topics: OutputTopics::Only(Arc::new(
+                spec.output_topics.iter().cloned().collect(),
+            )),
+            state: Arc::new(StoreState {
+                store: worker.store.clone(),
+                tenant: spec.tenant.clone(),
+                handler: spec.handler.clone(),
+            }),
+            deadline: spec.deadline_ms.map(Duration::from_millis),
+        };
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        Self {
+            binding_id: worker.binding_id.clone(),
+            topics: spec.topics.clone(),
+            scheduler: KeyScheduler::new(spec.ordering, spec.max_in_flight()),
+            spec,
+            handler: worker.handler.clone(),
+            handler_version: worker.handler_version,
+            store: worker.store.clone(),
+            consumer,
+            settings: worker.settings.clone(),
+            stats: worker.stats.clone(),
+            context,
+            offsets: PartitionOffsets::default(),
+            tickets: HashMap::new(),
+            next_slot: 0,
+            batch: Vec::new(),
+            batch_started: None,
+            done_tx,
+            done_rx,
+            jitter: JitterRng::from_entropy(),
+            draining: None,
+            store_backoff: Duration::ZERO,
+        }
+    }
+
+    fn has_room(&self) -> bool {
+        self.draining.is_none() && self.scheduler.len() < self.settings.max_pending
+    }
+
+    fn commit_deadline(&self) -> Option<Instant> {
+        self.batch_started
+            .map(|started| started + self.settings.commit_linger + self.store_backoff)
+    }
+
+    fn topic_index(&self, topic: &str) -> u16 {
+        self.topics.iter().position(|t| t == topic).unwrap_or(0) as u16
+    }
+
+    async fn on_intake(&mut self, event: Intake) {
+        match event {
+            Intake::Message(mut message) => {
+                message.tenant.clone_from(&self.spec.tenant);
+                let part = (self.topic_index(&message.topic), message.partition as i32);
+                let offset = message.offset as i64;
+                if let Err(e) = self.offsets.track(part, offset) {
+                    tracing::debug!(error = %e, "offset not tracked (redelivery after a rebalance)");
+                    return;
+                }
+                let key = message.key.clone();
+                let pending = Pending {
+                    message: Arc::new(*message),
+                    part,
+                    offset,
+                    first_failure: None,
+                };
+                self.scheduler.push(part, key.as_deref(), pending);
+            }
+            Intake::Assign(parts) => {
+                for (topic, partition) in parts {
+                    let part = (self.topic_index(&topic), partition);
+                    self.offsets.assign(part);
+                }
+            }
+            Intake::Revoke(parts, ack) => {
+                for (topic, partition) in &parts {
+                    let part = (self.topic_index(topic), *partition);
+                    let dropped = self.scheduler.revoke(part);
+                    tracing::debug!(binding = %self.binding_id, topic, partition, dropped = dropped.len(), "partition revoked");
+                }
+                self.flush().await;
+                let parts = parts
+                    .iter()
+                    .map(|(topic, partition)| (self.topic_index(topic), *partition))
+                    .collect();
+                self.draining = Some((ack, Instant::now() + self.settings.drain_deadline, parts));
+                self.check_drain().await;
+            }
+        }
+    }
+
+    /// Finish a revocation once nothing is in flight (or the deadline passed).
+    async fn check_drain(&mut self) {
+        let Some((_, deadline, _)) = &self.draining else {
+            return;
+        };
+        if self.scheduler.in_flight() > 0 && Instant::now() < *deadline {
+            return;
+        }
+        self.flush().await;
+        if let Some((ack, _, parts)) = self.draining.take() {
+            // Offsets of everything committed are stored by now; forget the partitions.
+            for part in parts {
+                self.offsets.revoke(part);
+            }
+            let _ = ack.send(());
+        }
+    }
+
+    fn dispatch(&mut self) {
+        if self.draining.is_some() || self.store_backoff > Duration::ZERO {
+            return;
+        }
+        while let Some(ticket) = self.scheduler.next_ready() {
+            let slot = self.next_slot;
+            self.next_slot += 1;
+            let message = ticket.message().message.clone();
+            self.tickets.insert(slot, ticket);
+            self.spawn_invocation(slot, message);
+        }
+    }
+
+    fn spawn_invocation(&self, slot: u64, message: Arc<Message>) {
+        let handler = self.handler.clone();
+        let context = self.context.clone();
+        let done = self.done_tx.clone();
+        let binding_id = self.binding_id.clone();
+        let spec = self.spec.clone();
+        tokio::spawn(async move {
+            let report = match handler.invoke(&message, &context).await {
+                Err(e) => Done::Failed {
+                    slot,
+                    kind: FailureKind::Retryable,
+                    dlq_kind: DlqErrorKind::Retryable,
+                    message: e.to_string(),
+                },
+                Ok(invocation) => match invocation.outcome {
+                    Outcome::Ok => {
+                        let emits = invocation
+                            .effects
+                            .emits
+                            .into_iter()
+                            .enumerate()
+                            .map(|(i, emit)| OutboxInsert {
+                                message_id: emitted_id(&binding_id, &message.id, i),
+                                topic: emit.topic,
+                                key: emit.key,
+                                payload: emit.payload,
+                                headers: emit.headers,
+                                causation_id: message.id.clone(),
+                                traceparent: message
+                                    .headers
+                                    .iter()
+                                    .find(|h| h.key == "traceparent")
+                                    .and_then(|h| String::from_utf8(h.value.clone()).ok()),
+                            })
+                            .collect();
+                        Done::Success(
+                            slot,
+                            Completion {
+                                binding_id,
+                                tenant: spec.tenant.clone(),
+                                handler: spec.handler.clone(),
+                                message_id: message.id.clone(),
+                                key: message.key.clone(),
+                                state_writes: invocation.effects.state_writes,
+                                emits,
+                            },
+                        )
+                    }
+                    Outcome::HandlerError { kind, message } => Done::Failed {
+                        slot,
+                        kind: kind.into(),
+                        dlq_kind: match kind {
+                            ErrorKind::Retryable => DlqErrorKind::Retryable,
+                            ErrorKind::Permanent => DlqErrorKind::Permanent,
+                        },
+                        message,
+                    },
+                    Outcome::Refused { message } => Done::Failed {
+                        slot,
+                        kind: FailureKind::Permanent,
+                        dlq_kind: DlqErrorKind::Permanent,
+                        message,
+                    },
+                    Outcome::Trap { kind, message } => Done::Failed {
+                        slot,
+                        kind: kind.error_kind().into(),
+                        dlq_kind: if kind == TrapKind::Deadline {
+                            DlqErrorKind::Retryable
+                        } else {
+                            DlqErrorKind::Trap
+                        },
+                        message,
+                    },
+                },
+            };
+            let _ = done.send(report);
+        });
+    }
+
+    async fn on_done(&mut self, done: Done) {
+        match done {
+            Done::Success(slot, completion) => {
+                if self.batch.is_empty() {
+                    self.batch_started = Some(Instant::now());
+                }
+                self.batch.push((slot, completion));
+            }
+            Done::RetryDue(slot) => {
+                if let Some(ticket) = self.tickets.get_mut(&slot) {
+                    let pending = ticket.message_mut();
+                    let mut message = (*pending.message).clone();
+                    message.attempt += 1;
+                    pending.message = Arc::new(message);
+                    let message = pending.message.clone();
+                    self.spawn_invocation(slot, message);
+                }
+            }
+            Done::DeadLettered(slot) => {
+                self.stats
+                    .dead_lettered
+                    .fetch_add(1, AtomicOrdering::Relaxed);
+                self.release(slot);
+            }
+            Done::Failed {
+                slot,
+                kind,
+                dlq_kind,
+                message: error,
+            } => {
+                let Some(ticket) = self.tickets.get_mut(&slot) else {
+                    return;
+                };
+                let pending = ticket.message_mut();
+                let now = Utc::now();
+                let first = *pending.first_failure.get_or_insert(now);
+                let attempt = pending.message.attempt;
+                let (failed, part, offset) =
+                    (pending.message.clone(), pending.part, pending.offset);
+                match self.spec.retry.decide(attempt, kind, &mut self.jitter) {
+                    Decision::RetryAfter(delay) => {
+                        self.stats.retried.fetch_add(1, AtomicOrdering::Relaxed);
+                        tracing::info!(binding = %self.binding_id, message_id = %failed.id, attempt, ?delay, %error, "retrying");
+                        let done = self.done_tx.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(delay).await;
+                            let _ = done.send(Done::RetryDue(slot));
+                        });
+                    }
+                    Decision::DeadLetter => {
+                        let entry =
+                            self.dlq_entry(&failed, part, offset, dlq_kind, error, first, now);
+                        let outbox = self.dlq_record(&entry);
+                        let store = self.store.clone();
+                        let done = self.done_tx.clone();
+                        let tenant = self.spec.tenant.clone();
+                        let binding = self.binding_id.clone();
+                        tokio::spawn(async move {
+                            // The host's own faults never lose a dead letter: retry until stored.
+                            let mut backoff = Duration::from_millis(100);
+                            loop {
+                                let stored = async {
+                                    store.dlq_insert(&entry).await?;
+                                    store
+                                        .outbox_insert(
+                                            &tenant,
+                                            Some(&binding),
+                                            std::slice::from_ref(&outbox),
+                                        )
+                                        .await?;
+                                    Ok::<_, StoreError>(())
+                                }
+                                .await;
+                                match stored {
+                                    Ok(()) => break,
+                                    Err(e) => {
+                                        tracing::warn!(error = %e, "cannot store a DLQ entry; retrying");
+                                        tokio::time::sleep(backoff).await;
+                                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                                    }
+                                }
+                            }
+                            let _ = done.send(Done::DeadLettered(slot));
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn dlq_entry(
+        &self,
+        message: &Message,
+        part: Part,
+        offset: i64,
+        error_kind: DlqErrorKind,
+        error_message: String,
+        first_failure_at: chrono::DateTime<Utc>,
+        last_failure_at: chrono::DateTime<Utc>,
+    ) -> DlqEntryInsert {
+        DlqEntryInsert {
+            tenant: self.spec.tenant.clone(),
+            binding_id: self.binding_id.clone(),
+            handler: self.spec.handler.clone(),
+            handler_version: self.handler_version,
+            topic: message.topic.clone(),
+            partition: part.1,
+            offset,
+            message_id: message.id.clone(),
+            key: message.key.clone(),
+            payload: message.payload.clone(),
+            headers: message.headers.clone(),
+            timestamp_ms: message.timestamp_ms,
+            error_kind,
+            error_message,
+            attempts: message.attempt as i32,
+            first_failure_at,
+            last_failure_at,
+        }
+    }
+
+    /// The record published to the DLQ topic: the original key, payload and headers, plus
+    /// `weir-dlq-*` headers describing the failure.
+    fn dlq_record(&self, entry: &DlqEntryInsert) -> OutboxInsert {
+        let mut headers = entry.headers.clone();
+        let kind = match entry.error_kind {
+            DlqErrorKind::Retryable => "retryable",
+            DlqErrorKind::Permanent => "permanent",
+            DlqErrorKind::Trap => "trap",
+        };
+        for (name, value) in [
+            ("weir-dlq-binding", entry.binding_id.clone()),
+            ("weir-dlq-handler", entry.handler.clone()),
+            (
+                "weir-dlq-handler-version",
+                entry
+                    .handler_version
+                    .map(|v| v.to_string())
+                    .unwrap_or_default(),
+            ),
+            ("weir-dlq-topic", entry.topic.clone()),
+            ("weir-dlq-partition", entry.partition.to_string()),
+            ("weir-dlq-offset", entry.offset.to_string()),
+            ("weir-dlq-error-kind", kind.to_owned()),
+            ("weir-dlq-error", entry.error_message.clone()),
+            ("weir-dlq-attempts", entry.attempts.to_string()),
+            (
+                "weir-dlq-first-failure",
+                entry.first_failure_at.to_rfc3339(),
+            ),
+            ("weir-dlq-last-failure", entry.last_failure_at.to_rfc3339()),
+        ] {
+            headers.push(Header {
+                key: name.to_owned(),
+                value: value.into_bytes(),
+            });
+        }
+        OutboxInsert {
+            message_id: emitted_id(&entry.binding_id, &format!("dlq:{}", entry.message_id), 0),
+            topic: self.spec.dlq_topic(),
+            key: entry.key.clone(),
+            payload: entry.payload.clone(),
+            headers,
+            causation_id: entry.message_id.clone(),
+            traceparent: None,
+        }
+    }
+
+    /// Commit the batch; on success free the keys and complete the offsets.
+    async fn flush(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let completions: Vec<Completion> = self.batch.iter().map(|(_, c)| c.clone()).collect();
+        match self.store.commit(&completions).await {
+            Ok(outcomes) => {
+                self.stats.commits.fetch_add(1, AtomicOrdering::Relaxed);
+                self.stats
+                    .store_unavailable
+                    .store(false, AtomicOrdering::Relaxed);
+                self.store_backoff = Duration::ZERO;
+                for outcome in &outcomes {
+                    match outcome {
+                        crate::store::CommitOutcome::Committed => &self.stats.committed,
+                        crate::store::CommitOutcome::Duplicate => &self.stats.duplicates,
+                    }
+                    .fetch_add(1, AtomicOrdering::Relaxed);
+                }
+                let slots: Vec<u64> = self.batch.drain(..).map(|(slot, _)| slot).collect();
+                self.batch_started = None;
+                for slot in slots {
+                    self.release(slot);
+                }
+            }
+            Err(e) => {
+                // The host's fault: keep the batch, stop dispatching, retry after a backoff.
+                self.stats
+                    .store_unavailable
+                    .store(true, AtomicOrdering::Relaxed);
+                self.store_backoff = (self.store_backoff * 2)
+                    .clamp(Duration::from_millis(100), Duration::from_secs(5));
+                self.batch_started = Some(Instant::now());
+                tracing::warn!(binding = %self.binding_id, error = %e, backoff = ?self.store_backoff, "group commit failed; will retry");
+            }
+        }
+    }
+
+    /// A message is done: free its key, complete its offset, store the new watermark.
+    fn release(&mut self, slot: u64) {
+        let Some(ticket) = self.tickets.remove(&slot) else {
+            return;
+        };
+        let pending = self.scheduler.finish(ticket);
+        if self.offsets.complete(pending.part, pending.offset).is_err() {
+            return; // the partition was revoked meanwhile
+        }
+        let mut list = TopicPartitionList::new();
+        for ((topic, partition), next) in self.offsets.take_committable() {
+            if let Some(topic) = self.topics.get(topic as usize) {
+                let _ = list.add_partition_offset(topic, partition, Offset::Offset(next));
+            }
+        }
+        if list.count() > 0
+            && let Err(e) = self.consumer.store_offsets(&list)
+        {
+            tracing::debug!(error = %e, "storing offsets");
+        }
+    }
+}

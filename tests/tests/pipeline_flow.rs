@@ -1,0 +1,220 @@
+//! The first end-to-end path against the real broker and database: messages in Kafka → the
+//! `orders` handler → effects committed exactly once in PostgreSQL → offsets committed.
+//! Poison messages reach the DLQ (store and outbox for the DLQ topic) on their first failure,
+//! with full metadata, while every other message flows.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::message::{Header as KafkaHeader, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sqlx::Row;
+use weir::pipeline::BindingSpec;
+use weir::pipeline::worker::{Worker, WorkerSettings, WorkerStats, emitted_id};
+use weir::runtime::{HandlerPool, Runtime, RuntimeConfig};
+use weir::store::{DlqErrorKind, DlqFilter};
+use weir_acceptance::{component, services, unique_name};
+
+const MESSAGES: usize = 1_000;
+const KEYS: usize = 40;
+const POISON: usize = 10;
+
+async fn create_topic(kafka: &str, topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", kafka)
+        .create()
+        .unwrap();
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    for result in results {
+        result.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_flow_to_effects_exactly_once_and_poison_is_dead_lettered() {
+    let services = services();
+    let input = unique_name("flow_in");
+    let output = format!("{input}.accepted");
+    create_topic(&services.kafka, &input, 6).await;
+
+    // Produce: MESSAGES orders over KEYS customers, plus POISON malformed ones.
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &services.kafka)
+        .set("enable.idempotence", "true")
+        .create()
+        .unwrap();
+    let mut expected: HashMap<String, u64> = HashMap::new();
+    let mut sends = Vec::new();
+    for i in 0..MESSAGES + POISON {
+        let customer = format!("c-{}", i % KEYS);
+        let payload = if i < MESSAGES {
+            *expected.entry(customer.clone()).or_default() += 1;
+            format!(
+                r#"{{"order_id":"o-{i}","customer":"{customer}","amount_cents":{}}}"#,
+                100 + i
+            )
+        } else {
+            "this is not json".to_owned()
+        };
+        let id = format!("msg-{i}");
+        let record = FutureRecord::to(&input)
+            .key(&customer)
+            .payload(&payload)
+            .headers(OwnedHeaders::new().insert(KafkaHeader {
+                key: "message-id",
+                value: Some(&id),
+            }));
+        sends.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+    }
+    for send in sends {
+        send.await.unwrap().map_err(|(e, _)| e).unwrap();
+    }
+
+    let store = weir::store::connect(&services.database_url).await.unwrap();
+    let runtime = Runtime::new(RuntimeConfig {
+        pool_instances: 64,
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    let bytes = std::fs::read(component("weir_handler_orders")).unwrap();
+    let handler = Arc::new(HandlerPool::new(runtime.load(&bytes).unwrap(), 64));
+    let tenant = unique_name("t");
+    let binding_id = format!("{tenant}.orders");
+    let mut spec = BindingSpec::new(&tenant, "orders", vec![input.clone()]);
+    spec.output_topics = vec![output.clone()];
+    spec.config.insert("output-topic".into(), output.clone());
+    spec.validate().unwrap();
+
+    let stats = Arc::new(WorkerStats::default());
+    let worker = Worker {
+        binding_id: binding_id.clone(),
+        spec: spec.clone(),
+        handler,
+        handler_version: Some(1),
+        store: store.clone(),
+        kafka: {
+            let mut config = ClientConfig::new();
+            config.set("bootstrap.servers", &services.kafka);
+            config
+        },
+        settings: WorkerSettings::default(),
+        stats: stats.clone(),
+    };
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let started = Instant::now();
+    let running = tokio::spawn(worker.run(stopped));
+
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while (stats.committed.load(Ordering::Relaxed) as usize) < MESSAGES
+        || (stats.dead_lettered.load(Ordering::Relaxed) as usize) < POISON
+    {
+        assert!(Instant::now() < deadline, "timed out: {stats:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let took = started.elapsed();
+    stop.send(true).unwrap();
+    running.await.unwrap().unwrap();
+    eprintln!("{MESSAGES} messages + {POISON} poison in {took:?}: {stats:?}");
+    assert_eq!(stats.committed.load(Ordering::Relaxed) as usize, MESSAGES);
+    assert_eq!(stats.duplicates.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        stats.retried.load(Ordering::Relaxed),
+        0,
+        "poison is permanent: no retries"
+    );
+
+    // Every keyed counter is exact.
+    for (customer, count) in &expected {
+        let value = store
+            .state_get(&tenant, "orders", customer.as_bytes(), "orders")
+            .await
+            .unwrap();
+        let value: u64 = serde_json::from_slice(&value.expect("counter")).unwrap();
+        assert_eq!(value, *count, "counter of {customer}");
+    }
+
+    // One outbox record per message, with a stable, unique id.
+    let pool = sqlx::PgPool::connect(&services.database_url).await.unwrap();
+    let row = sqlx::query(
+        "SELECT count(*) AS n, count(DISTINCT message_id) AS ids FROM outbox WHERE binding_id = $1 AND topic = $2",
+    )
+    .bind(&binding_id)
+    .bind(&output)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(row.get::<i64, _>("n") as usize, MESSAGES);
+    assert_eq!(row.get::<i64, _>("ids") as usize, MESSAGES);
+    let first = store
+        .outbox_status(&emitted_id(&binding_id, "msg-0", 0))
+        .await
+        .unwrap()
+        .expect("outbox row");
+    assert_eq!(first.causation_id, "msg-0");
+
+    // Poison: in the DLQ with its metadata, and queued for the DLQ topic with weir-dlq-* headers.
+    let filter = DlqFilter {
+        tenant: Some(tenant.clone()),
+        limit: 100,
+        ..DlqFilter::default()
+    };
+    let entries = store.dlq_list(&filter).await.unwrap();
+    assert_eq!(entries.len(), POISON);
+    for entry in &entries {
+        let e = &entry.entry;
+        assert_eq!(e.error_kind, DlqErrorKind::Permanent);
+        assert_eq!(e.attempts, 1);
+        assert_eq!(e.topic, input);
+        assert_eq!(e.payload, b"this is not json");
+        assert!(e.key.is_some());
+        assert!(e.headers.iter().any(|h| h.key == "message-id"));
+        assert_eq!(e.handler_version, Some(1));
+    }
+    let dlq = sqlx::query("SELECT headers FROM outbox WHERE binding_id = $1 AND topic = $2")
+        .bind(&binding_id)
+        .bind(spec.dlq_topic())
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(dlq.len(), POISON);
+
+    // Offsets were committed: a new worker in the same group receives nothing.
+    let stats2 = Arc::new(WorkerStats::default());
+    let bytes = std::fs::read(component("weir_handler_orders")).unwrap();
+    let worker = Worker {
+        binding_id: binding_id.clone(),
+        spec,
+        handler: Arc::new(HandlerPool::new(runtime.load(&bytes).unwrap(), 4)),
+        handler_version: Some(1),
+        store: store.clone(),
+        kafka: {
+            let mut config = ClientConfig::new();
+            config.set("bootstrap.servers", &services.kafka);
+            config
+        },
+        settings: WorkerSettings::default(),
+        stats: stats2.clone(),
+    };
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let running = tokio::spawn(worker.run(stopped));
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    stop.send(true).unwrap();
+    running.await.unwrap().unwrap();
+    assert_eq!(
+        stats2.consumed.load(Ordering::Relaxed),
+        0,
+        "offsets were not committed: {stats2:?}"
+    );
+}
