@@ -218,3 +218,125 @@ async fn messages_flow_to_effects_exactly_once_and_poison_is_dead_lettered() {
         "offsets were not committed: {stats2:?}"
     );
 }
+
+/// A handler that fails retryably twice then succeeds is processed once, after delays within the
+/// policy's bounds; meanwhile a later message of another key on the same partition completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retrying_key_waits_while_other_keys_of_its_partition_flow_on() {
+    let services = services();
+    let input = unique_name("retry_in");
+    let output = format!("{input}.out");
+    create_topic(&services.kafka, &input, 1).await;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &services.kafka)
+        .create()
+        .unwrap();
+    // Offset 0: key a fails twice. Offset 1: key b succeeds at once. Offset 2: key a again.
+    for (id, key, payload) in [
+        ("a-1", "a", r#"{"fail_until_attempt": 3}"#),
+        ("b-1", "b", "{}"),
+        ("a-2", "a", "{}"),
+    ] {
+        let record =
+            FutureRecord::to(&input)
+                .key(key)
+                .payload(payload)
+                .headers(OwnedHeaders::new().insert(KafkaHeader {
+                    key: "message-id",
+                    value: Some(id),
+                }));
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+
+    let store = weir::store::connect(&services.database_url).await.unwrap();
+    let runtime = Runtime::new(RuntimeConfig {
+        pool_instances: 8,
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    let bytes = std::fs::read(component("weir_handler_flaky")).unwrap();
+    let tenant = unique_name("t");
+    let binding_id = format!("{tenant}.flaky");
+    let mut spec = BindingSpec::new(&tenant, "flaky", vec![input.clone()]);
+    spec.output_topics = vec![output.clone()];
+    spec.config.insert("output-topic".into(), output.clone());
+    spec.retry.backoff = vec![Duration::from_millis(400), Duration::from_millis(800)];
+    spec.retry.jitter = 0.2;
+    spec.validate().unwrap();
+    let stats = Arc::new(WorkerStats::default());
+    let worker = Worker {
+        binding_id: binding_id.clone(),
+        spec,
+        handler: Arc::new(HandlerPool::new(runtime.load(&bytes).unwrap(), 8)),
+        handler_version: Some(1),
+        store: store.clone(),
+        kafka: {
+            let mut config = ClientConfig::new();
+            config.set("bootstrap.servers", &services.kafka);
+            config
+        },
+        settings: WorkerSettings::default(),
+        stats: stats.clone(),
+    };
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let running = tokio::spawn(worker.run(stopped));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while stats.committed.load(Ordering::Relaxed) < 3 {
+        assert!(Instant::now() < deadline, "timed out: {stats:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.send(true).unwrap();
+    running.await.unwrap().unwrap();
+    assert_eq!(stats.retried.load(Ordering::Relaxed), 2, "{stats:?}");
+    assert_eq!(stats.dead_lettered.load(Ordering::Relaxed), 0);
+
+    let row = |id: &'static str| {
+        let store = store.clone();
+        let binding_id = binding_id.clone();
+        async move {
+            store
+                .outbox_status(&emitted_id(&binding_id, id, 0))
+                .await
+                .unwrap()
+                .expect(id)
+        }
+    };
+    let (a1, b1, a2) = (row("a-1").await, row("b-1").await, row("a-2").await);
+    let attempt = |r: &weir::store::OutboxRecord| -> u64 {
+        serde_json::from_slice::<serde_json::Value>(&r.payload).unwrap()["attempt"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!((attempt(&a1), attempt(&b1), attempt(&a2)), (3, 1, 1));
+    // b (later offset, other key) did not wait for a's retries; a-2 waited for a-1.
+    assert!(
+        b1.created_at < a1.created_at,
+        "b waited for a: {:?} vs {:?}",
+        b1.created_at,
+        a1.created_at
+    );
+    assert!(a1.created_at < a2.created_at, "a-2 overtook a-1");
+    // The retries waited 400 ms and 800 ms ± 20 %, at least 960 ms after a-1's first failure;
+    // b-1 committed a commit linger or so after that failure, hence 100 ms of slack.
+    let waited = (a1.created_at - b1.created_at).to_std().unwrap();
+    eprintln!("a-1 committed {waited:?} after b-1 (policy: 400 ms + 800 ms, ±20 %)");
+    assert!(
+        waited >= Duration::from_millis(860),
+        "retried too early: {waited:?}"
+    );
+    assert!(
+        waited <= Duration::from_millis(1440 + 1500),
+        "retried too late: {waited:?}"
+    );
+    // Processed once: the keyed counter of a is 2 (a-1 once, a-2 once).
+    let handled = store
+        .state_get(&tenant, "flaky", b"a", "handled")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(handled, b"2");
+}

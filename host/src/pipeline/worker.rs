@@ -14,8 +14,16 @@
 //! Freeing the key only after the commit means the next message of that key reads committed
 //! state: per-key order holds for state too, without an overlay of uncommitted writes.
 //!
-//! Not yet here (tracked in the pipeline issue): pausing partitions instead of blocking intake
-//! while the store is down, hot swap of the handler version, per-tenant rate limits.
+//! Faults of the host are not the handler's: when the store cannot be read during an
+//! invocation, or no instance can be created, the message runs again after a pause without
+//! spending an attempt, and it is never dead-lettered; when the group commit fails, the batch is
+//! kept and retried with backoff while dispatch stops.
+//!
+//! Not yet here (tracked in the pipeline and resilience issues): while the store is down, intake
+//! stops by backpressure (the bounded channel fills and the intake thread waits) rather than by
+//! pausing the partitions, so an outage longer than `max.poll.interval.ms` (5 min) makes the
+//! consumer leave its group — its messages are then redelivered, nothing is lost; hot swap of
+//! the handler version; per-tenant rate limits; breakers; metrics.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -45,6 +53,9 @@ pub const DEFAULT_COMMIT_BATCH_MAX: usize = 512;
 pub const DEFAULT_COMMIT_LINGER: Duration = Duration::from_millis(5);
 /// Default drain deadline on revocation: 20 s, well inside the default 45 s session timeout.
 pub const DEFAULT_DRAIN_DEADLINE: Duration = Duration::from_secs(20);
+
+/// Wait before running a message again after a fault of the host (not the handler): 1 s.
+const HOST_FAULT_BACKOFF: Duration = Duration::from_secs(1);
 
 /// How a worker runs.
 #[derive(Debug, Clone)]
@@ -153,8 +164,12 @@ enum Done {
         dlq_kind: DlqErrorKind,
         message: String,
     },
-    /// Retry scheduled and now due: run it again.
-    RetryDue(u64),
+    /// The host failed, not the handler (the state store could not be read, no instance could
+    /// be created): run it again later without spending an attempt. Never dead-lettered.
+    HostFault { slot: u64, error: String },
+    /// A wait is over: run the message again, as its next attempt or (after a host fault) the
+    /// same one.
+    Rerun { slot: u64, next_attempt: bool },
     /// Dead-lettered (stored and queued for the DLQ topic).
     DeadLettered(u64),
 }
@@ -207,11 +222,13 @@ impl ConsumerContext for IntakeContext {
     }
 }
 
-/// Reads keyed state from the store.
+/// Reads keyed state from the store, for one invocation, remembering whether a read failed (a
+/// handler that then fails failed because of the host).
 struct StoreState {
     store: Arc<dyn Store>,
     tenant: String,
     handler: String,
+    failed: AtomicBool,
 }
 
 impl StateSource for StoreState {
@@ -224,7 +241,10 @@ impl StateSource for StoreState {
             self.store
                 .state_get(&self.tenant, &self.handler, key, name)
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| {
+                    self.failed.store(true, AtomicOrdering::Relaxed);
+                    e.to_string()
+                })
         })
     }
 }
@@ -444,11 +464,8 @@ impl Coordinator {
             output_topics: OutputTopics::Only(Arc::new(
                 spec.output_topics.iter().cloned().collect(),
             )),
-            state: Arc::new(StoreState {
-                store: worker.store.clone(),
-                tenant: spec.tenant.clone(),
-                handler: spec.handler.clone(),
-            }),
+            // Replaced per invocation by a fresh `StoreState` (see `spawn_invocation`).
+            state: Arc::new(crate::runtime::MemoryState::new()),
             deadline: spec.deadline_ms.map(Duration::from_millis),
         };
         let (done_tx, done_rx) = mpsc::unbounded_channel();
@@ -565,18 +582,32 @@ impl Coordinator {
 
     fn spawn_invocation(&self, slot: u64, message: Arc<Message>) {
         let handler = self.handler.clone();
-        let context = self.context.clone();
+        let state = Arc::new(StoreState {
+            store: self.store.clone(),
+            tenant: self.spec.tenant.clone(),
+            handler: self.spec.handler.clone(),
+            failed: AtomicBool::new(false),
+        });
+        let mut context = self.context.clone();
+        context.state = state.clone();
         let done = self.done_tx.clone();
         let binding_id = self.binding_id.clone();
         let spec = self.spec.clone();
         tokio::spawn(async move {
             let report = match handler.invoke(&message, &context).await {
-                Err(e) => Done::Failed {
+                Err(e) => Done::HostFault {
                     slot,
-                    kind: FailureKind::Retryable,
-                    dlq_kind: DlqErrorKind::Retryable,
-                    message: e.to_string(),
+                    error: e.to_string(),
                 },
+                Ok(invocation)
+                    if !invocation.outcome.is_ok()
+                        && state.failed.load(AtomicOrdering::Relaxed) =>
+                {
+                    Done::HostFault {
+                        slot,
+                        error: "the state store could not be read".to_owned(),
+                    }
+                }
                 Ok(invocation) => match invocation.outcome {
                     Outcome::Ok => {
                         let emits = invocation
@@ -650,15 +681,31 @@ impl Coordinator {
                 }
                 self.batch.push((slot, completion));
             }
-            Done::RetryDue(slot) => {
+            Done::Rerun { slot, next_attempt } => {
                 if let Some(ticket) = self.tickets.get_mut(&slot) {
                     let pending = ticket.message_mut();
-                    let mut message = (*pending.message).clone();
-                    message.attempt += 1;
-                    pending.message = Arc::new(message);
+                    if next_attempt {
+                        let mut message = (*pending.message).clone();
+                        message.attempt += 1;
+                        pending.message = Arc::new(message);
+                    }
                     let message = pending.message.clone();
                     self.spawn_invocation(slot, message);
                 }
+            }
+            Done::HostFault { slot, error } => {
+                self.stats
+                    .store_unavailable
+                    .store(true, AtomicOrdering::Relaxed);
+                tracing::warn!(binding = %self.binding_id, %error, "host fault; the message will run again, no attempt spent");
+                let done = self.done_tx.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(HOST_FAULT_BACKOFF).await;
+                    let _ = done.send(Done::Rerun {
+                        slot,
+                        next_attempt: false,
+                    });
+                });
             }
             Done::DeadLettered(slot) => {
                 self.stats
@@ -688,7 +735,10 @@ impl Coordinator {
                         let done = self.done_tx.clone();
                         tokio::spawn(async move {
                             tokio::time::sleep(delay).await;
-                            let _ = done.send(Done::RetryDue(slot));
+                            let _ = done.send(Done::Rerun {
+                                slot,
+                                next_attempt: true,
+                            });
                         });
                     }
                     Decision::DeadLetter => {
