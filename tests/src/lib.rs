@@ -155,6 +155,27 @@ pub fn component(name: &str) -> PathBuf {
     path
 }
 
+/// The `weir` binary next to the test executable (`<target>/<profile>/weir`). `cargo test` at
+/// the workspace root (what `tests/run` does) builds it; `cargo test -p weir-acceptance` alone
+/// does not, and may find an older one.
+pub fn weir_binary() -> PathBuf {
+    let exe = env::current_exe().unwrap_or_else(|e| panic!("path of the test executable: {e}"));
+    let dir = exe.parent().and_then(Path::parent).unwrap_or_else(|| {
+        panic!(
+            "the test executable {} lives in <target>/<profile>/deps",
+            exe.display()
+        )
+    });
+    let binary = dir.join(format!("weir{}", env::consts::EXE_SUFFIX));
+    assert!(
+        binary.is_file(),
+        "{} is missing: build it with `cargo build -p weir` (or run `cargo test` at the \
+         workspace root, which builds it)",
+        binary.display()
+    );
+    binary
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,28 +9,9 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_json::Value;
-
-/// The `weir` binary built with this test: `<target>/<profile>/weir`, the grandparent of this
-/// test's executable (`<target>/<profile>/deps/deploy_postgres-…`).
-fn weir_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("path of the test executable");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("the test executable lives in <target>/<profile>/deps");
-    let binary = dir.join(format!("weir{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        binary.is_file(),
-        "{} is missing: build it with `cargo build -p weir` (or run `cargo test` at the \
-         workspace root, which builds it)",
-        binary.display()
-    );
-    binary
-}
 
 /// A schema of its own on the test server, and the store URL that points into it.
 struct Schema {
@@ -61,7 +42,7 @@ impl Schema {
     /// Run `weir` with this schema as the store and no other `WEIR_*` variable.
     fn weir(&self, args: &[&str]) -> Output {
         let cwd = tempfile::tempdir().expect("temporary directory");
-        let mut command = Command::new(weir_binary());
+        let mut command = Command::new(weir_acceptance::weir_binary());
         for (name, _) in std::env::vars_os() {
             if name.to_string_lossy().starts_with("WEIR_") {
                 command.env_remove(name);
@@ -77,7 +58,7 @@ impl Schema {
         assert!(
             !String::from_utf8_lossy(&out.stderr).contains("unrecognized subcommand"),
             "{} is out of date: rebuild it with `cargo build -p weir`",
-            weir_binary().display()
+            weir_acceptance::weir_binary().display()
         );
         out
     }
@@ -224,7 +205,7 @@ async fn migrate_then_deploy_to_postgresql() {
 async fn a_wrong_password_exits_5_without_showing_it() {
     let base = weir_acceptance::services().database_url;
     let wrong = weir::config::redact_url(&base).replace("***", "not-the-password");
-    let out = Command::new(weir_binary())
+    let out = Command::new(weir_acceptance::weir_binary())
         .env("WEIR_STORE__URL", &wrong)
         .args(["migrate"])
         .output()

@@ -8,6 +8,7 @@ mod common;
 mod deploy;
 mod handler_test;
 mod migrate;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -52,6 +53,9 @@ enum Command {
     /// Exit code 0 when the schema is current, 5 when the store cannot be reached or a
     /// migration fails.
     Migrate(migrate::MigrateArgs),
+    /// Run the host: every binding in the store, the outbox relay, and `/health` on
+    /// `server.listen`, until SIGINT or SIGTERM (which drain; a second signal stops at once).
+    Serve(serve::ServeArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -95,6 +99,7 @@ pub fn main() -> ExitCode {
         Command::Handler(HandlerCommand::Deploy(args)) => deploy::run(args),
         Command::Binding(BindingCommand::List(args)) => binding::list(args),
         Command::Migrate(args) => migrate::run(args),
+        Command::Serve(args) => serve::run(args),
     };
     ExitCode::from(code)
 }

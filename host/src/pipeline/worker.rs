@@ -41,18 +41,12 @@ use super::binding::BindingSpec;
 use super::dispatch::{KeyScheduler, Ticket};
 use super::offsets::PartitionOffsets;
 use super::retry::{Decision, FailureKind, JitterRng};
+use crate::config::PipelineConfig;
 use crate::runtime::{
     ContentHash, ErrorKind, HandlerPool, Header, InvocationContext, Message, Outcome, OutputTopics,
     StateSource, TrapKind,
 };
 use crate::store::{Completion, DlqEntryInsert, DlqErrorKind, OutboxInsert, Store, StoreError};
-
-/// Default completions per group commit.
-pub const DEFAULT_COMMIT_BATCH_MAX: usize = 512;
-/// Default wait for more completions before a commit: 5 ms.
-pub const DEFAULT_COMMIT_LINGER: Duration = Duration::from_millis(5);
-/// Default drain deadline on revocation: 20 s, well inside the default 45 s session timeout.
-pub const DEFAULT_DRAIN_DEADLINE: Duration = Duration::from_secs(20);
 
 /// Wait before running a message again after a fault of the host (not the handler): 1 s.
 const HOST_FAULT_BACKOFF: Duration = Duration::from_secs(1);
@@ -70,13 +64,22 @@ pub struct WorkerSettings {
     pub max_pending: usize,
 }
 
+/// Messages received but not yet done, per binding, by default.
+pub const DEFAULT_MAX_PENDING: usize = 4096;
+
 impl Default for WorkerSettings {
     fn default() -> Self {
+        Self::from(&PipelineConfig::default())
+    }
+}
+
+impl From<&PipelineConfig> for WorkerSettings {
+    fn from(config: &PipelineConfig) -> Self {
         Self {
-            commit_batch_max: DEFAULT_COMMIT_BATCH_MAX,
-            commit_linger: DEFAULT_COMMIT_LINGER,
-            drain_deadline: DEFAULT_DRAIN_DEADLINE,
-            max_pending: 4096,
+            commit_batch_max: config.commit_batch_max as usize,
+            commit_linger: config.commit_linger(),
+            drain_deadline: config.drain_deadline(),
+            max_pending: DEFAULT_MAX_PENDING,
         }
     }
 }

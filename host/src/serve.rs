@@ -1,0 +1,266 @@
+//! `weir serve`: the long-running host. Reconciles bindings from the store and runs one
+//! [`Worker`] per binding, the outbox relay, and the health endpoints.
+//!
+//! Owns the lifecycle of workers: started when a binding appears, restarted when its revision
+//! or its handler's active version changes, stopped (drained) when it disappears or the process
+//! shuts down. Every host process does the same from the same store, so a second process joins
+//! the same consumer groups and Kafka spreads the partitions. Knows nothing of SQL, librdkafka
+//! settings or wasmtime beyond the modules' public APIs.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::WeirConfig;
+use crate::kafka::{Relay, RelaySettings};
+use crate::pipeline::BindingSpec;
+use crate::pipeline::worker::{Worker, WorkerSettings, WorkerStats};
+use crate::runtime::{HandlerPool, Runtime};
+use crate::store::{BindingRecord, Store};
+
+/// Why the host could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The store could not be opened.
+    #[error("cannot open the store at {url}: {message}")]
+    Store {
+        /// The store URL, password hidden.
+        url: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The runtime could not start.
+    #[error("cannot start the wasm runtime: {0}")]
+    Runtime(String),
+    /// The relay could not start.
+    #[error("cannot start the outbox relay: {0}")]
+    Relay(String),
+    /// The HTTP listener could not bind.
+    #[error("cannot listen on {addr}: {message}")]
+    Listen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// What the operating system said.
+        message: String,
+    },
+}
+
+/// A worker that runs, and what it was started from.
+struct Running {
+    revision: i64,
+    version: i32,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+/// Shared with the health endpoints.
+struct Health {
+    store: Arc<dyn Store>,
+    bindings: std::sync::Mutex<usize>,
+    reconciled: AtomicBool,
+}
+
+/// Run until `shutdown` is cancelled; then drain every worker and stop the relay.
+pub async fn serve(config: WeirConfig, shutdown: CancellationToken) -> Result<(), ServeError> {
+    let store = config
+        .store
+        .connect()
+        .await
+        .map_err(|e| ServeError::Store {
+            url: config.store.redacted_url(),
+            message: e.to_string(),
+        })?;
+    let runtime = Arc::new(
+        Runtime::new(config.runtime.clone()).map_err(|e| ServeError::Runtime(e.to_string()))?,
+    );
+    let kafka = config.kafka.client_config();
+
+    let relay = Relay::new(store.clone(), &kafka, RelaySettings::default())
+        .map_err(|e| ServeError::Relay(e.to_string()))?;
+    let relay_task = tokio::spawn(relay.run(shutdown.child_token()));
+
+    let health = Arc::new(Health {
+        store: store.clone(),
+        bindings: std::sync::Mutex::new(0),
+        reconciled: AtomicBool::new(false),
+    });
+    let listener = tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|e| ServeError::Listen {
+            addr: config.server.listen,
+            message: e.to_string(),
+        })?;
+    let app = Router::new()
+        .route("/health", get(|| async { "ok\n" }))
+        .route("/health/ready", get(ready))
+        .with_state(health.clone());
+    let http_shutdown = shutdown.clone();
+    let http = tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(http_shutdown.cancelled_owned())
+            .await;
+    });
+    tracing::info!(listen = %config.server.listen, store = %config.store.redacted_url(), "weir serving");
+
+    let settings = WorkerSettings::from(&config.pipeline);
+    let mut running: HashMap<String, Running> = HashMap::new();
+    let mut ticker = tokio::time::interval(config.pipeline.reconcile_every());
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = ticker.tick() => {
+                match reconcile(&store, &runtime, &kafka.client_config(), &settings, &mut running).await {
+                    Ok(()) => {
+                        health.reconciled.store(true, Ordering::Relaxed);
+                        *health.bindings.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = running.len();
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot reconcile bindings; will retry"),
+                }
+            }
+        }
+    }
+
+    tracing::info!(workers = running.len(), "shutting down: draining workers");
+    for (_, worker) in running.drain() {
+        let _ = worker.stop.send(true);
+        let _ = worker.task.await;
+    }
+    let _ = relay_task.await;
+    let _ = http.await;
+    store.close().await;
+    Ok(())
+}
+
+async fn ready(State(health): State<Arc<Health>>) -> (StatusCode, String) {
+    let store_ok = health.store.bindings_revision().await.is_ok();
+    let reconciled = health.reconciled.load(Ordering::Relaxed);
+    let bindings = *health
+        .bindings
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let body = format!(
+        "store: {}\nbindings: {bindings}\n",
+        if store_ok { "ok" } else { "unreachable" }
+    );
+    if store_ok && reconciled {
+        (StatusCode::OK, body)
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, body)
+    }
+}
+
+/// Bring the running workers in line with the store.
+async fn reconcile(
+    store: &Arc<dyn Store>,
+    runtime: &Arc<Runtime>,
+    kafka: &rdkafka::ClientConfig,
+    settings: &WorkerSettings,
+    running: &mut HashMap<String, Running>,
+) -> Result<(), crate::store::StoreError> {
+    let records = store.list_bindings().await?;
+    let mut desired: HashMap<String, (BindingRecord, i32)> = HashMap::new();
+    for record in records {
+        match store
+            .active_version(&record.tenant, &record.handler)
+            .await?
+        {
+            Some(version) => {
+                desired.insert(record.id.clone(), (record, version.version));
+            }
+            None => {
+                tracing::warn!(binding = %record.id, handler = %record.handler, "handler has no active version; binding not started")
+            }
+        }
+    }
+    // Stop what is gone or changed.
+    let stale: Vec<String> = running
+        .iter()
+        .filter(|(id, r)| {
+            desired.get(*id).is_none_or(|(record, version)| {
+                record.revision != r.revision || *version != r.version
+            }) || r.task.is_finished()
+        })
+        .map(|(id, _)| id.clone())
+        .collect();
+    for id in stale {
+        if let Some(worker) = running.remove(&id) {
+            tracing::info!(binding = %id, "stopping worker");
+            let _ = worker.stop.send(true);
+            let _ = worker.task.await;
+        }
+    }
+    // Start what is new.
+    for (id, (record, version)) in desired {
+        if running.contains_key(&id) {
+            continue;
+        }
+        match start(store, runtime, kafka, settings, &record, version).await {
+            Ok(worker) => {
+                tracing::info!(binding = %id, handler = %record.handler, version, "worker started");
+                running.insert(id, worker);
+            }
+            Err(e) => tracing::warn!(binding = %id, error = %e, "cannot start worker"),
+        }
+    }
+    Ok(())
+}
+
+async fn start(
+    store: &Arc<dyn Store>,
+    runtime: &Arc<Runtime>,
+    kafka: &rdkafka::ClientConfig,
+    settings: &WorkerSettings,
+    record: &BindingRecord,
+    version: i32,
+) -> Result<Running, String> {
+    let spec: BindingSpec = serde_json::from_value(record.spec.clone())
+        .map_err(|e| format!("invalid binding spec: {e}"))?;
+    spec.validate().map_err(|e| e.to_string())?;
+    let bytes = store
+        .component_bytes(&record.tenant, &record.handler, version)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| {
+            format!(
+                "handler {} version {version} has no component",
+                record.handler
+            )
+        })?;
+    let loader = runtime.clone();
+    let component = tokio::task::spawn_blocking(move || loader.load(&bytes))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let worker = Worker {
+        binding_id: record.id.clone(),
+        handler: Arc::new(HandlerPool::new(component, spec.max_in_flight)),
+        spec,
+        handler_version: Some(version),
+        store: store.clone(),
+        kafka: kafka.clone(),
+        settings: settings.clone(),
+        stats: Arc::new(WorkerStats::default()),
+    };
+    let (stop, stopped) = watch::channel(false);
+    let id = record.id.clone();
+    let task = tokio::spawn(async move {
+        if let Err(e) = worker.run(stopped).await {
+            tracing::error!(binding = %id, error = %e, "worker stopped");
+        }
+    });
+    Ok(Running {
+        revision: record.revision,
+        version,
+        stop,
+        task,
+    })
+}
