@@ -111,6 +111,11 @@ pub async fn serve(config: WeirConfig, shutdown: CancellationToken) -> Result<()
     tracing::info!(listen = %config.server.listen, store = %config.store.redacted_url(), "weir serving");
 
     let settings = WorkerSettings::from(&config.pipeline);
+    let mut consumer_config = kafka.client_config();
+    consumer_config.set(
+        "session.timeout.ms",
+        config.kafka.session_timeout_ms.to_string(),
+    );
     let mut running: HashMap<String, Running> = HashMap::new();
     let mut ticker = tokio::time::interval(config.pipeline.reconcile_every());
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -118,7 +123,7 @@ pub async fn serve(config: WeirConfig, shutdown: CancellationToken) -> Result<()
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = ticker.tick() => {
-                match reconcile(&store, &runtime, &kafka.client_config(), &settings, &mut running).await {
+                match reconcile(&store, &runtime, &consumer_config, &settings, &mut running).await {
                     Ok(()) => {
                         health.reconciled.store(true, Ordering::Relaxed);
                         *health.bindings.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = running.len();

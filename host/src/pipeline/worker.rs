@@ -48,6 +48,10 @@ use crate::runtime::{
 };
 use crate::store::{Completion, DlqEntryInsert, DlqErrorKind, OutboxInsert, Store, StoreError};
 
+/// Consumer session timeout when the caller sets none: librdkafka's default, 45 s, longer than
+/// the default drain deadline (20 s).
+const DEFAULT_SESSION_TIMEOUT_MS: &str = "45000";
+
 /// Wait before running a message again after a fault of the host (not the handler): 1 s.
 const HOST_FAULT_BACKOFF: Duration = Duration::from_secs(1);
 
@@ -286,8 +290,10 @@ impl Worker {
             .set("group.id", self.spec.group_id())
             .set("enable.auto.commit", "true")
             .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", "45000");
+            .set("auto.offset.reset", "earliest");
+        if config.get("session.timeout.ms").is_none() {
+            config.set("session.timeout.ms", DEFAULT_SESSION_TIMEOUT_MS);
+        }
         let consumer_error = |message: String| WorkerError::Consumer {
             binding: self.binding_id.clone(),
             topics: self.spec.topics.clone(),

@@ -1,0 +1,264 @@
+//! What the `weir serve` acceptance tests (`cable_cut.rs`, `scaling.rs`,
+//! `postgres_restart.rs`) share: a scenario — a fresh input topic, the `orders` handler
+//! deployed through the real binary, N orders over K customers produced to the real broker —,
+//! `weir serve` processes to start and kill, and the end-of-run check that every per-key
+//! counter is exact (0 lost, 0 doubled) and the outbox holds one record per message.
+#![allow(dead_code, clippy::expect_used, clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sqlx::Row;
+use weir_acceptance::{component, services, unique_name, weir_binary};
+
+/// One run: a binding of `orders` to a fresh topic, its messages, and where to look.
+pub struct Scenario {
+    pub tenant: String,
+    pub binding_id: String,
+    pub messages: usize,
+    pub expected: HashMap<String, i64>,
+    pub pool: sqlx::PgPool,
+    pub dir: tempfile::TempDir,
+    env: Vec<(String, String)>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Scenario {
+    /// Create the topic (`partitions`), deploy `orders`, produce `messages` orders over `keys`
+    /// customers.
+    pub async fn new(prefix: &str, partitions: i32, messages: usize, keys: usize) -> Self {
+        let services = services();
+        let input = unique_name(prefix);
+        let output = format!("{input}.accepted");
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &services.kafka)
+            .create()
+            .unwrap();
+        for result in admin
+            .create_topics(
+                &[NewTopic::new(
+                    &input,
+                    partitions,
+                    TopicReplication::Fixed(1),
+                )],
+                &AdminOptions::new(),
+            )
+            .await
+            .unwrap()
+        {
+            result.unwrap();
+        }
+        let tenant = unique_name("t");
+        let env = vec![
+            ("WEIR_STORE__URL".to_owned(), services.database_url.clone()),
+            (
+                "WEIR_KAFKA__BOOTSTRAP_SERVERS".to_owned(),
+                services.kafka.clone(),
+            ),
+            (
+                "WEIR_PIPELINE__RECONCILE_EVERY_MS".to_owned(),
+                "500".to_owned(),
+            ),
+            ("WEIR_RUNTIME__POOL_INSTANCES".to_owned(), "32".to_owned()),
+        ];
+        let scenario = Self {
+            binding_id: format!("{tenant}.orders"),
+            tenant,
+            messages,
+            expected: HashMap::new(),
+            pool: sqlx::PgPool::connect(&services.database_url).await.unwrap(),
+            dir: tempfile::tempdir().unwrap(),
+            env,
+        };
+        let orders = component("weir_handler_orders");
+        let deploy = scenario
+            .command()
+            .args([
+                "handler",
+                "deploy",
+                orders.to_str().unwrap(),
+                "--tenant",
+                &scenario.tenant,
+                "--name",
+                "orders",
+            ])
+            .args([
+                "--topic",
+                &input,
+                "--output-topic",
+                &output,
+                "--config",
+                &format!("output-topic={output}"),
+            ])
+            .args(["--max-in-flight", "32"])
+            .output()
+            .unwrap();
+        assert!(
+            deploy.status.success(),
+            "deploy failed: {}",
+            String::from_utf8_lossy(&deploy.stderr)
+        );
+
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &services.kafka)
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "20")
+            .create()
+            .unwrap();
+        let mut expected: HashMap<String, i64> = HashMap::new();
+        let mut sends = Vec::with_capacity(messages);
+        for i in 0..messages {
+            let customer = format!("c-{}", i % keys);
+            *expected.entry(customer.clone()).or_default() += 1;
+            let payload = format!(
+                r#"{{"order_id":"o-{i}","customer":"{customer}","amount_cents":{}}}"#,
+                100 + i
+            );
+            let record = FutureRecord::to(&input).key(&customer).payload(&payload);
+            sends.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+        }
+        for send in sends {
+            send.await.unwrap().map_err(|(e, _)| e).unwrap();
+        }
+        Self {
+            expected,
+            ..scenario
+        }
+    }
+
+    fn command(&self) -> Command {
+        let mut command = Command::new(weir_binary());
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("WEIR_") {
+                command.env_remove(name);
+            }
+        }
+        command.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        command
+    }
+
+    /// The log file of host `n`.
+    pub fn log(&self, n: usize) -> PathBuf {
+        self.dir.path().join(format!("serve-{n}.log"))
+    }
+
+    /// Start `weir serve` number `n` (its log goes to [`Self::log`]).
+    pub fn start(&self, n: usize) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log(n))
+            .unwrap();
+        self.command()
+            .arg("serve")
+            .env("WEIR_LOG", "info")
+            .env("WEIR_SERVER__LISTEN", format!("127.0.0.1:{}", free_port()))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start weir serve")
+    }
+
+    /// Messages processed so far (processed-key rows of the binding).
+    pub async fn processed(&self) -> usize {
+        loop {
+            match sqlx::query("SELECT count(*) AS n FROM processed_keys WHERE binding_id = $1")
+                .bind(&self.binding_id)
+                .fetch_one(&self.pool)
+                .await
+            {
+                Ok(row) => return row.get::<i64, _>("n") as usize,
+                // The database may be down on purpose: wait for it.
+                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        }
+    }
+
+    /// Wait until `count` messages are processed, checking that `children` keep running.
+    pub async fn wait_for(&self, count: usize, children: &mut [&mut Child], timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let done = self.processed().await;
+            if done >= count {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out at {done} of {count}; logs in {}",
+                self.dir.path().display()
+            );
+            for child in children.iter_mut() {
+                assert!(
+                    child.try_wait().unwrap().is_none(),
+                    "weir serve exited; logs in {}",
+                    self.dir.path().display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stop a host with SIGTERM and check it drained and exited 0.
+    pub fn terminate(&self, child: &mut Child) {
+        let pid = child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let status = child.wait().unwrap();
+        assert!(
+            status.success(),
+            "weir serve exited with {status} after SIGTERM"
+        );
+    }
+
+    /// (lost, doubled) over every key's counter, and (outbox records, distinct ids).
+    pub async fn verify(&self) -> ((i64, i64), (i64, i64)) {
+        let mut lost = 0i64;
+        let mut doubled = 0i64;
+        for (customer, count) in &self.expected {
+            let row = sqlx::query(
+                "SELECT value FROM keyed_state WHERE tenant = $1 AND handler = 'orders' AND key = $2 AND name = 'orders'",
+            )
+            .bind(&self.tenant)
+            .bind(customer.as_bytes())
+            .fetch_optional(&self.pool)
+            .await
+            .unwrap();
+            let value: i64 = row.map_or(0, |row| {
+                serde_json::from_slice(&row.get::<Vec<u8>, _>("value")).unwrap()
+            });
+            lost += (count - value).max(0);
+            doubled += (value - count).max(0);
+        }
+        let row = sqlx::query("SELECT count(*) AS n, count(DISTINCT message_id) AS ids FROM outbox WHERE binding_id = $1")
+            .bind(&self.binding_id)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap();
+        (
+            (lost, doubled),
+            (row.get::<i64, _>("n"), row.get::<i64, _>("ids")),
+        )
+    }
+
+    /// DLQ entries of the binding.
+    pub async fn dead_lettered(&self) -> i64 {
+        sqlx::query("SELECT count(*) AS n FROM dlq_entries WHERE binding_id = $1")
+            .bind(&self.binding_id)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+            .get::<i64, _>("n")
+    }
+}
