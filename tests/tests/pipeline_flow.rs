@@ -18,7 +18,7 @@ use sqlx::Row;
 use weir::pipeline::BindingSpec;
 use weir::pipeline::worker::{Worker, WorkerSettings, WorkerStats, emitted_id};
 use weir::runtime::{HandlerPool, Runtime, RuntimeConfig};
-use weir::store::{DlqErrorKind, DlqFilter};
+use weir::store::{DlqErrorKind, DlqFilter, Store};
 use weir_acceptance::{component, services, unique_name};
 
 const MESSAGES: usize = 1_000;
@@ -39,6 +39,29 @@ async fn create_topic(kafka: &str, topic: &str, partitions: i32) {
         .unwrap();
     for result in results {
         result.unwrap();
+    }
+}
+
+/// A worker for `binding_id` on the test broker, with default settings.
+fn new_worker(
+    binding_id: &str,
+    spec: BindingSpec,
+    handler: Arc<HandlerPool>,
+    store: &Arc<dyn Store>,
+    kafka: &str,
+    stats: &Arc<WorkerStats>,
+) -> Worker {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", kafka);
+    Worker {
+        binding_id: binding_id.to_owned(),
+        spec,
+        handler,
+        handler_version: Some(1),
+        store: store.clone(),
+        kafka: config,
+        settings: WorkerSettings::default(),
+        stats: stats.clone(),
     }
 }
 
@@ -98,20 +121,14 @@ async fn messages_flow_to_effects_exactly_once_and_poison_is_dead_lettered() {
     spec.validate().unwrap();
 
     let stats = Arc::new(WorkerStats::default());
-    let worker = Worker {
-        binding_id: binding_id.clone(),
-        spec: spec.clone(),
+    let worker = new_worker(
+        &binding_id,
+        spec.clone(),
         handler,
-        handler_version: Some(1),
-        store: store.clone(),
-        kafka: {
-            let mut config = ClientConfig::new();
-            config.set("bootstrap.servers", &services.kafka);
-            config
-        },
-        settings: WorkerSettings::default(),
-        stats: stats.clone(),
-    };
+        &store,
+        &services.kafka,
+        &stats,
+    );
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let started = Instant::now();
     let running = tokio::spawn(worker.run(stopped));
@@ -193,20 +210,14 @@ async fn messages_flow_to_effects_exactly_once_and_poison_is_dead_lettered() {
     // Offsets were committed: a new worker in the same group receives nothing.
     let stats2 = Arc::new(WorkerStats::default());
     let bytes = std::fs::read(component("weir_handler_orders")).unwrap();
-    let worker = Worker {
-        binding_id: binding_id.clone(),
+    let worker = new_worker(
+        &binding_id,
         spec,
-        handler: Arc::new(HandlerPool::new(runtime.load(&bytes).unwrap(), 4)),
-        handler_version: Some(1),
-        store: store.clone(),
-        kafka: {
-            let mut config = ClientConfig::new();
-            config.set("bootstrap.servers", &services.kafka);
-            config
-        },
-        settings: WorkerSettings::default(),
-        stats: stats2.clone(),
-    };
+        Arc::new(HandlerPool::new(runtime.load(&bytes).unwrap(), 4)),
+        &store,
+        &services.kafka,
+        &stats2,
+    );
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let running = tokio::spawn(worker.run(stopped));
     tokio::time::sleep(Duration::from_secs(8)).await;
@@ -268,20 +279,14 @@ async fn a_retrying_key_waits_while_other_keys_of_its_partition_flow_on() {
     spec.retry.jitter = 0.2;
     spec.validate().unwrap();
     let stats = Arc::new(WorkerStats::default());
-    let worker = Worker {
-        binding_id: binding_id.clone(),
+    let worker = new_worker(
+        &binding_id,
         spec,
-        handler: Arc::new(HandlerPool::new(runtime.load(&bytes).unwrap(), 8)),
-        handler_version: Some(1),
-        store: store.clone(),
-        kafka: {
-            let mut config = ClientConfig::new();
-            config.set("bootstrap.servers", &services.kafka);
-            config
-        },
-        settings: WorkerSettings::default(),
-        stats: stats.clone(),
-    };
+        Arc::new(HandlerPool::new(runtime.load(&bytes).unwrap(), 8)),
+        &store,
+        &services.kafka,
+        &stats,
+    );
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let running = tokio::spawn(worker.run(stopped));
     let deadline = Instant::now() + Duration::from_secs(120);
