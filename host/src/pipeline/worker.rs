@@ -290,7 +290,10 @@ impl Worker {
             .set("group.id", self.spec.group_id())
             .set("enable.auto.commit", "true")
             .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest");
+            .set("auto.offset.reset", "earliest")
+            // Eager rebalancing: a revocation takes every partition, and the drain below is
+            // written for that. The cooperative protocol is not supported.
+            .set("partition.assignment.strategy", "range,roundrobin");
         if config.get("session.timeout.ms").is_none() {
             config.set("session.timeout.ms", DEFAULT_SESSION_TIMEOUT_MS);
         }
