@@ -6,6 +6,7 @@
 mod binding;
 mod common;
 mod deploy;
+mod dev;
 mod handler_test;
 mod migrate;
 mod serve;
@@ -56,6 +57,10 @@ enum Command {
     /// Run the host: every binding in the store, the outbox relay, and `/health` on
     /// `server.listen`, until SIGINT or SIGTERM (which drain; a second signal stops at once).
     Serve(serve::ServeArgs),
+    /// Run the whole host on this machine with nothing installed: an in-process mock Kafka
+    /// cluster, SQLite under `.weir/`, the example `orders` handler deployed. `--demo` adds
+    /// sample traffic and a running summary.
+    Dev(dev::DevArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -100,6 +105,7 @@ pub fn main() -> ExitCode {
         Command::Binding(BindingCommand::List(args)) => binding::list(args),
         Command::Migrate(args) => migrate::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Dev(args) => dev::run(args),
     };
     ExitCode::from(code)
 }
