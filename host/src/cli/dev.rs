@@ -126,7 +126,7 @@ fn execute(args: DevArgs) -> Result<(), Failure> {
         .enable_all()
         .build()
         .map_err(|e| Failure::other("internal", format!("cannot start the async runtime: {e}")))?;
-    runtime.block_on(async move {
+    let result = runtime.block_on(async move {
         let store = config
             .store
             .connect()
@@ -182,9 +182,11 @@ fn execute(args: DevArgs) -> Result<(), Failure> {
             Ok(Err(e)) => Err(Failure::other("serve-failed", e.to_string())),
             Err(e) => Err(Failure::other("internal", e.to_string())),
         }
-    })?;
+    });
+    // Close every Kafka client (the demo's included) before the mock cluster they talk to.
+    runtime.shutdown_timeout(Duration::from_secs(5));
     drop(mock);
-    Ok(())
+    result
 }
 
 /// Sample traffic and a running summary: orders in, events out on `orders.accepted`, records on
