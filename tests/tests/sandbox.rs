@@ -3,68 +3,18 @@
 //! and the runtime keeps serving normal invocations after every incident.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use weir::runtime::{
-    ComponentError, ErrorKind, HandlerComponent, HandlerPool, InstancePolicy, Invocation,
-    InvocationContext, MemoryState, Message, Outcome, OutputTopics, Runtime, RuntimeConfig,
-    StateWrite, TrapKind,
+    ComponentError, ErrorKind, HandlerPool, InstancePolicy, Invocation, InvocationContext,
+    MemoryState, Outcome, OutputTopics, Runtime, RuntimeConfig, StateWrite, TrapKind,
 };
 use weir_acceptance::component;
 
-fn config() -> RuntimeConfig {
-    RuntimeConfig {
-        pool_instances: 8,
-        ..RuntimeConfig::default()
-    }
-}
+mod sandbox_support;
 
-fn load(runtime: &Runtime, name: &str) -> HandlerComponent {
-    let bytes = std::fs::read(component(name)).expect("read component");
-    runtime
-        .load(&bytes)
-        .unwrap_or_else(|e| panic!("{name} refused: {e}"))
-}
-
-fn message(key: Option<&str>, payload: &str) -> Message {
-    Message {
-        id: "orders/0/7".to_owned(),
-        topic: "orders".to_owned(),
-        partition: 0,
-        offset: 7,
-        key: key.map(|k| k.as_bytes().to_vec()),
-        payload: payload.as_bytes().to_vec(),
-        headers: Vec::new(),
-        timestamp_ms: Some(1_700_000_000_000),
-        tenant: "acme".to_owned(),
-        attempt: 1,
-    }
-}
-
-fn context(config: &[(&str, &str)]) -> InvocationContext {
-    InvocationContext {
-        config: Arc::new(
-            config
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect::<BTreeMap<_, _>>(),
-        ),
-        ..InvocationContext::default()
-    }
-}
-
-async fn run(
-    component: &HandlerComponent,
-    message: &Message,
-    context: &InvocationContext,
-) -> Invocation {
-    let mut instance = component.instantiate().await.expect("instantiate");
-    instance.invoke(message, context).await
-}
-
-const ORDER: &str = r#"{"order_id":"o-1","customer":"c-42","amount_cents":1250}"#;
+use sandbox_support::{ORDER, config, context, load, message, run};
 
 /// After an incident, the same runtime still runs the orders handler correctly.
 async fn still_serves(runtime: &Runtime) {

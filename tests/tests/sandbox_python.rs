@@ -3,71 +3,20 @@
 //! disturb that file's timing assertions.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
+mod sandbox_support;
+
 use std::sync::Arc;
 use std::time::Instant;
 
-use weir::runtime::{
-    ErrorKind, HandlerComponent, Invocation, InvocationContext, MemoryState, Message, Outcome,
-    Runtime, RuntimeConfig, StateWrite,
-};
-use weir_acceptance::component;
-
-const ORDER: &str = r#"{"order_id":"o-1","customer":"c-42","amount_cents":1250}"#;
-
-fn message(key: Option<&str>, payload: &str) -> Message {
-    Message {
-        id: "orders/0/7".to_owned(),
-        topic: "orders".to_owned(),
-        partition: 0,
-        offset: 7,
-        key: key.map(|k| k.as_bytes().to_vec()),
-        payload: payload.as_bytes().to_vec(),
-        headers: Vec::new(),
-        timestamp_ms: Some(1_700_000_000_000),
-        tenant: "acme".to_owned(),
-        attempt: 1,
-    }
-}
-
-fn context(config: &[(&str, &str)]) -> InvocationContext {
-    InvocationContext {
-        config: Arc::new(
-            config
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect::<BTreeMap<_, _>>(),
-        ),
-        ..InvocationContext::default()
-    }
-}
-
-async fn run(
-    component: &HandlerComponent,
-    message: &Message,
-    context: &InvocationContext,
-) -> Invocation {
-    let mut instance = component.instantiate().await.expect("instantiate");
-    instance.invoke(message, context).await
-}
-
-fn load(runtime: &Runtime, name: &str) -> HandlerComponent {
-    let bytes = std::fs::read(component(name)).expect("read component");
-    runtime
-        .load(&bytes)
-        .unwrap_or_else(|e| panic!("{name} refused: {e}"))
-}
+use sandbox_support::{ORDER, config, context, load, message, run};
+use weir::runtime::{ErrorKind, InvocationContext, MemoryState, Outcome, Runtime, StateWrite};
 
 /// A handler written in Python (componentize-py, which embeds CPython and imports most of WASI)
 /// loads in the deny-by-default sandbox and behaves like the Rust `orders` handler. Built by
 /// `handlers/python-orders/build.sh`, which `tests/run` calls.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_python_handler_runs_in_the_same_sandbox() {
-    let runtime = Runtime::new(RuntimeConfig {
-        pool_instances: 8,
-        ..RuntimeConfig::default()
-    })
-    .unwrap();
+    let runtime = Runtime::new(config()).unwrap();
     let started = Instant::now();
     let python = load(&runtime, "weir_handler_python_orders");
     eprintln!(
