@@ -386,6 +386,11 @@ pub const DEFAULT_RECONCILE_EVERY: Duration = Duration::from_secs(2);
 /// stops or loses partitions: 20 s, comfortably inside the default session timeout (45 s), so
 /// that the group does not evict the host while it drains.
 pub const DEFAULT_DRAIN_DEADLINE: Duration = Duration::from_secs(20);
+/// Default time a processed key is kept: 7 days, Kafka's default log retention, so a message
+/// cannot be redelivered after its key is gone unless its topic keeps records longer.
+pub const DEFAULT_PROCESSED_KEYS_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Default interval between two sweeps of expired processed keys: 1 hour.
+pub const DEFAULT_PROCESSED_KEYS_SWEEP_EVERY: Duration = Duration::from_secs(3600);
 
 /// `[pipeline]`: group commit, binding reconciliation and draining.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -399,6 +404,11 @@ pub struct PipelineConfig {
     pub reconcile_every_ms: u64,
     /// Milliseconds a stopping binding has to drain; shorter than `kafka.session_timeout_ms`.
     pub drain_deadline_ms: u64,
+    /// Seconds a processed key is kept for duplicate detection; longer than any topic's
+    /// retention, or a message redelivered after its key was swept runs again.
+    pub processed_keys_retention_s: u64,
+    /// Seconds between two sweeps of expired processed keys.
+    pub processed_keys_sweep_every_s: u64,
 }
 
 impl Default for PipelineConfig {
@@ -408,6 +418,8 @@ impl Default for PipelineConfig {
             commit_linger_ms: DEFAULT_COMMIT_LINGER.as_millis() as u64,
             reconcile_every_ms: DEFAULT_RECONCILE_EVERY.as_millis() as u64,
             drain_deadline_ms: DEFAULT_DRAIN_DEADLINE.as_millis() as u64,
+            processed_keys_retention_s: DEFAULT_PROCESSED_KEYS_RETENTION.as_secs(),
+            processed_keys_sweep_every_s: DEFAULT_PROCESSED_KEYS_SWEEP_EVERY.as_secs(),
         }
     }
 }
@@ -426,6 +438,16 @@ impl PipelineConfig {
     /// The drain deadline as a duration.
     pub fn drain_deadline(&self) -> Duration {
         Duration::from_millis(self.drain_deadline_ms)
+    }
+
+    /// How long processed keys are kept, as a duration.
+    pub fn processed_keys_retention(&self) -> Duration {
+        Duration::from_secs(self.processed_keys_retention_s)
+    }
+
+    /// The sweep interval as a duration.
+    pub fn processed_keys_sweep_every(&self) -> Duration {
+        Duration::from_secs(self.processed_keys_sweep_every_s)
     }
 
     fn validate(&self, kafka: &KafkaConfig) -> Result<(), ConfigError> {
@@ -456,6 +478,20 @@ impl PipelineConfig {
             1,
             3_600_000,
             "ms",
+        )?;
+        check(
+            "pipeline.processed_keys_retention_s",
+            self.processed_keys_retention_s,
+            1,
+            10 * 365 * 24 * 3600,
+            "s",
+        )?;
+        check(
+            "pipeline.processed_keys_sweep_every_s",
+            self.processed_keys_sweep_every_s,
+            1,
+            7 * 24 * 3600,
+            "s",
         )?;
         if self.drain_deadline_ms >= kafka.session_timeout_ms {
             return Err(invalid(

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::WeirConfig;
 use crate::kafka::{Relay, RelaySettings};
 use crate::pipeline::BindingSpec;
+use crate::pipeline::intake::PauseSwitch;
 use crate::pipeline::worker::{Worker, WorkerSettings, WorkerStats};
 use crate::runtime::{HandlerPool, Runtime};
 use crate::store::{BindingRecord, Store};
@@ -86,6 +87,12 @@ pub async fn serve(config: WeirConfig, shutdown: CancellationToken) -> Result<()
     let relay = Relay::new(store.clone(), &kafka, RelaySettings::default())
         .map_err(|e| ServeError::Relay(e.to_string()))?;
     let relay_task = tokio::spawn(relay.run(shutdown.child_token()));
+    let sweeper = tokio::spawn(sweep_processed_keys(
+        store.clone(),
+        config.pipeline.processed_keys_retention(),
+        config.pipeline.processed_keys_sweep_every(),
+        shutdown.child_token(),
+    ));
 
     let health = Arc::new(Health {
         store: store.clone(),
@@ -140,9 +147,37 @@ pub async fn serve(config: WeirConfig, shutdown: CancellationToken) -> Result<()
         let _ = worker.task.await;
     }
     let _ = relay_task.await;
+    let _ = sweeper.await;
     let _ = http.await;
     store.close().await;
     Ok(())
+}
+
+/// Every `every`, delete the processed keys recorded more than `retention` ago, until
+/// `shutdown`. A failed sweep is logged and tried again at the next tick.
+pub async fn sweep_processed_keys(
+    store: Arc<dyn Store>,
+    retention: std::time::Duration,
+    every: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let Ok(retention) = chrono::Duration::from_std(retention) else {
+            return;
+        };
+        let older_than = chrono::Utc::now() - retention;
+        match store.sweep_processed_keys(older_than).await {
+            Ok(0) => {}
+            Ok(swept) => tracing::info!(swept, %older_than, "processed keys swept"),
+            Err(e) => tracing::warn!(error = %e, "cannot sweep processed keys; will retry"),
+        }
+    }
 }
 
 async fn ready(State(health): State<Arc<Health>>) -> (StatusCode, String) {
@@ -254,6 +289,7 @@ async fn start(
         kafka: kafka.clone(),
         settings: settings.clone(),
         stats: Arc::new(WorkerStats::default()),
+        pause: PauseSwitch::default(),
     };
     let (stop, stopped) = watch::channel(false);
     let id = record.id.clone();
@@ -268,4 +304,59 @@ async fn start(
         stop,
         task,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::store::{CommitOutcome, Completion};
+
+    fn completion(message_id: &str) -> Completion {
+        Completion {
+            binding_id: "t.h".into(),
+            tenant: "t".into(),
+            handler: "h".into(),
+            message_id: message_id.into(),
+            key: None,
+            state_writes: Vec::new(),
+            emits: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_sweeper_forgets_processed_keys_after_the_retention_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("weir.db").display());
+        let store = crate::store::connect(&url).await.unwrap();
+        assert_eq!(
+            store.commit(&[completion("old")]).await.unwrap(),
+            vec![CommitOutcome::Committed]
+        );
+        let shutdown = CancellationToken::new();
+        let sweeper = tokio::spawn(sweep_processed_keys(
+            store.clone(),
+            Duration::from_secs(1),
+            Duration::from_millis(100),
+            shutdown.clone(),
+        ));
+        // Within the retention the key is still known: a redelivery is a duplicate.
+        assert_eq!(
+            store.commit(&[completion("old")]).await.unwrap(),
+            vec![CommitOutcome::Duplicate]
+        );
+        tokio::time::sleep(Duration::from_millis(1600)).await;
+        store.commit(&[completion("new")]).await.unwrap();
+        // Past it, the key is gone; the key committed just now stays.
+        assert_eq!(
+            store
+                .commit(&[completion("old"), completion("new")])
+                .await
+                .unwrap(),
+            vec![CommitOutcome::Committed, CommitOutcome::Duplicate]
+        );
+        shutdown.cancel();
+        sweeper.await.unwrap();
+    }
 }

@@ -15,8 +15,8 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::message::{Header as KafkaHeader, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::Row;
-use weir::pipeline::BindingSpec;
 use weir::pipeline::worker::{Worker, WorkerSettings, WorkerStats, emitted_id};
+use weir::pipeline::{BindingSpec, PauseSwitch};
 use weir::runtime::{HandlerPool, Runtime, RuntimeConfig};
 use weir::store::{DlqErrorKind, DlqFilter, Store};
 use weir_acceptance::{component, services, unique_name};
@@ -62,6 +62,7 @@ fn new_worker(
         kafka: config,
         settings: WorkerSettings::default(),
         stats: stats.clone(),
+        pause: PauseSwitch::default(),
     }
 }
 
@@ -344,4 +345,112 @@ async fn a_retrying_key_waits_while_other_keys_of_its_partition_flow_on() {
         .unwrap()
         .unwrap();
     assert_eq!(handled, b"2");
+}
+
+/// Produce `count` orders to `topic` with ids `{prefix}-{i}` over 5 customers.
+async fn produce_orders(kafka: &str, topic: &str, prefix: &str, count: usize) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka)
+        .set("enable.idempotence", "true")
+        .create()
+        .unwrap();
+    for i in 0..count {
+        let id = format!("{prefix}-{i}");
+        let payload = format!(
+            r#"{{"order_id":"{id}","customer":"c-{}","amount_cents":100}}"#,
+            i % 5
+        );
+        let customer = format!("c-{}", i % 5);
+        let record = FutureRecord::to(topic)
+            .key(&customer)
+            .payload(&payload)
+            .headers(OwnedHeaders::new().insert(KafkaHeader {
+                key: "message-id",
+                value: Some(&id),
+            }));
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+}
+
+async fn wait_until(what: &str, stats: &WorkerStats, done: impl Fn(&WorkerStats) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !done(stats) {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_worker_fetches_nothing_until_resumed() {
+    let services = services();
+    let input = unique_name("pause_in");
+    let output = format!("{input}.accepted");
+    create_topic(&services.kafka, &input, 3).await;
+    produce_orders(&services.kafka, &input, "first", 30).await;
+
+    let store = weir::store::connect(&services.database_url).await.unwrap();
+    let runtime = Runtime::new(RuntimeConfig {
+        pool_instances: 8,
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    let bytes = std::fs::read(component("weir_handler_orders")).unwrap();
+    let tenant = unique_name("t");
+    let mut spec = BindingSpec::new(&tenant, "orders", vec![input.clone()]);
+    spec.output_topics = vec![output.clone()];
+    spec.config.insert("output-topic".into(), output);
+    spec.validate().unwrap();
+    let stats = Arc::new(WorkerStats::default());
+    let mut worker = new_worker(
+        &format!("{tenant}.orders"),
+        spec,
+        Arc::new(HandlerPool::new(runtime.load(&bytes).unwrap(), 8)),
+        &store,
+        &services.kafka,
+        &stats,
+    );
+    let switch = worker.pause.clone();
+    switch.pause();
+    worker.pause = switch.clone();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let running = tokio::spawn(worker.run(stopped));
+
+    // Paused from the start: assigned, but nothing fetched.
+    wait_until("the assignment", &stats, |s| {
+        s.assignments.load(Ordering::Relaxed) > 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(stats.consumed.load(Ordering::Relaxed), 0, "{stats:?}");
+
+    switch.resume();
+    wait_until("the first 30", &stats, |s| {
+        s.committed.load(Ordering::Relaxed) == 30
+    })
+    .await;
+
+    // Paused again: new messages wait in Kafka.
+    switch.pause();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    produce_orders(&services.kafka, &input, "second", 30).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(stats.consumed.load(Ordering::Relaxed), 30, "{stats:?}");
+
+    switch.resume();
+    wait_until("all 60", &stats, |s| {
+        s.committed.load(Ordering::Relaxed) == 60
+    })
+    .await;
+    stop.send(true).unwrap();
+    running.await.unwrap().unwrap();
+    assert_eq!(stats.consumed.load(Ordering::Relaxed), 60, "{stats:?}");
+    assert_eq!(stats.duplicates.load(Ordering::Relaxed), 0, "{stats:?}");
+    assert_eq!(stats.assignments.load(Ordering::Relaxed), 1, "{stats:?}");
 }

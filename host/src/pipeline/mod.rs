@@ -2,9 +2,12 @@
 //!
 //! A binding's messages pass through five stages:
 //!
-//! 1. **Intake** reads the binding's partitions, records each received offset in its
-//!    [`OffsetTracker`] and pushes the message into the dispatcher; it pauses when the dispatcher
-//!    holds as many messages as the binding allows, or a tenant's rate is exceeded.
+//! 1. **Intake** ([`intake`]) reads the binding's partitions on the consumer's own thread and
+//!    hands batches of messages to the worker, which records each received offset in its
+//!    [`OffsetTracker`] and pushes the message into the dispatcher. When the dispatcher holds as
+//!    many messages as the worker allows (the store is down, the handler is slow), intake pauses
+//!    the partitions and keeps polling, so the consumer stays in its group; a [`PauseSwitch`]
+//!    pauses it from above.
 //! 2. **Dispatch** ([`KeyScheduler`]) decides which messages may run now: one at a time per key
 //!    (or per partition), in offset order, up to `max_in_flight` at once.
 //! 3. **Invoke** runs the handler in the sandbox ([`crate::runtime`]). A failure goes to the
@@ -22,11 +25,13 @@
 
 pub mod binding;
 pub mod dispatch;
+pub mod intake;
 pub mod offsets;
 pub mod retry;
 pub mod worker;
 
 pub use binding::{BindingError, BindingSpec};
 pub use dispatch::{KeyScheduler, Ordering, Ticket};
+pub use intake::PauseSwitch;
 pub use offsets::{OffsetError, OffsetTracker, PartitionOffsets};
 pub use retry::{Decision, FailureKind, JitterRng, RetryPolicy, RetryPolicyError};

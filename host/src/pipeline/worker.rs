@@ -1,10 +1,10 @@
 //! One binding at work: Kafka intake → key-ordered dispatch → invocation → group commit →
 //! offsets. The first end-to-end path of the pipeline.
 //!
-//! Owns the binding's consumer (on a dedicated OS thread, so librdkafka's rebalance callbacks may
-//! block for the drain without blocking the async executor), the coordinator task that drives
-//! the pure core ([`KeyScheduler`], [`PartitionOffsets`], [`RetryPolicy`]), the invocation
-//! tasks, and the group commit. Knows nothing of SQL (it talks to [`Store`]) nor of how
+//! Owns the binding's consumer (polled on a dedicated OS thread by [`super::intake`], so
+//! librdkafka's rebalance callbacks may block for the drain without blocking the async
+//! executor), the coordinator task that drives the pure core ([`KeyScheduler`],
+//! [`PartitionOffsets`], [`RetryPolicy`]), the invocation tasks, and the group commit. Knows nothing of SQL (it talks to [`Store`]) nor of how
 //! components are loaded (it is given a [`HandlerPool`]).
 //!
 //! Order of events for one message: received → offset tracked → queued → dispatched when its
@@ -19,11 +19,12 @@
 //! spending an attempt, and it is never dead-lettered; when the group commit fails, the batch is
 //! kept and retried with backoff while dispatch stops.
 //!
-//! Not yet here (tracked in the pipeline and resilience issues): while the store is down, intake
-//! stops by backpressure (the bounded channel fills and the intake thread waits) rather than by
-//! pausing the partitions, so an outage longer than `max.poll.interval.ms` (5 min) makes the
-//! consumer leave its group — its messages are then redelivered, nothing is lost; hot swap of
-//! the handler version; per-tenant rate limits; breakers; metrics.
+//! While the store is down, nothing completes, the dispatcher fills, and the intake pauses the
+//! partitions (see [`super::intake`]) until there is room again: the consumer stays in its group
+//! however long the outage lasts.
+//!
+//! Not yet here (tracked in the control-plane and resilience issues): hot swap of the handler
+//! version without restarting the worker; per-tenant rate limits; breakers; metrics.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -32,13 +33,13 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use futures::future::BoxFuture;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::message::{Headers, Message as _};
-use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use super::binding::BindingSpec;
 use super::dispatch::{KeyScheduler, Ticket};
+use super::intake::{Batch, Control, IntakeContext, PauseSwitch, intake_loop};
 use super::offsets::PartitionOffsets;
 use super::retry::{Decision, FailureKind, JitterRng};
 use crate::config::PipelineConfig;
@@ -51,6 +52,9 @@ use crate::store::{Completion, DlqEntryInsert, DlqErrorKind, OutboxInsert, Store
 /// Consumer session timeout when the caller sets none: librdkafka's default, 45 s, longer than
 /// the default drain deadline (20 s).
 const DEFAULT_SESSION_TIMEOUT_MS: &str = "45000";
+
+/// Batches waiting between the intake thread and the coordinator, at most.
+const INTAKE_BATCHES: usize = 4;
 
 /// Wait before running a message again after a fault of the host (not the handler): 1 s.
 const HOST_FAULT_BACKOFF: Duration = Duration::from_secs(1);
@@ -105,6 +109,8 @@ pub struct WorkerStats {
     pub commits: AtomicU64,
     /// Whether the store was unreachable at the last attempt.
     pub store_unavailable: AtomicBool,
+    /// Partition assignments received (one per rebalance this worker took part in).
+    pub assignments: AtomicU64,
 }
 
 /// Why a worker stopped.
@@ -140,17 +146,12 @@ pub struct Worker {
     pub settings: WorkerSettings,
     /// Counters.
     pub stats: Arc<WorkerStats>,
+    /// Stops and restarts consumption from outside.
+    pub pause: PauseSwitch,
 }
 
 /// Topic index and partition: the unit of ordering and offsets.
 type Part = (u16, i32);
-
-/// What the intake thread tells the coordinator.
-enum Intake {
-    Message(Box<Message>),
-    Assign(Vec<(String, i32)>),
-    Revoke(Vec<(String, i32)>, std::sync::mpsc::SyncSender<()>),
-}
 
 /// A message in the coordinator's hands.
 struct Pending {
@@ -179,54 +180,6 @@ enum Done {
     Rerun { slot: u64, next_attempt: bool },
     /// Dead-lettered (stored and queued for the DLQ topic).
     DeadLettered(u64),
-}
-
-struct IntakeContext {
-    events: mpsc::Sender<Intake>,
-    drain_deadline: Duration,
-}
-
-impl ClientContext for IntakeContext {}
-
-impl ConsumerContext for IntakeContext {
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(list) = rebalance {
-            let parts: Vec<(String, i32)> = list
-                .elements()
-                .iter()
-                .map(|e| (e.topic().to_owned(), e.partition()))
-                .collect();
-            // Callbacks run on the intake thread (never on the executor), so waiting here is
-            // the drain. Should one ever run on an executor thread, do not block it.
-            if tokio::runtime::Handle::try_current().is_err() {
-                let (ack, acked) = std::sync::mpsc::sync_channel(1);
-                if self
-                    .events
-                    .blocking_send(Intake::Revoke(parts, ack))
-                    .is_ok()
-                    && acked.recv_timeout(self.drain_deadline).is_err()
-                {
-                    tracing::warn!(
-                        "drain deadline passed on revocation; uncommitted messages will be redelivered"
-                    );
-                }
-            }
-            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-                tracing::debug!(error = %e, "commit on revocation");
-            }
-        }
-    }
-
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(list) = rebalance {
-            let parts = list
-                .elements()
-                .iter()
-                .map(|e| (e.topic().to_owned(), e.partition()))
-                .collect();
-            let _ = self.events.try_send(Intake::Assign(parts));
-        }
-    }
 }
 
 /// Reads keyed state from the store, for one invocation, remembering whether a read failed (a
@@ -280,11 +233,9 @@ impl Worker {
         self,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Result<(), WorkerError> {
-        let (events_tx, mut events) = mpsc::channel::<Intake>(1024);
-        let context = IntakeContext {
-            events: events_tx,
-            drain_deadline: self.settings.drain_deadline,
-        };
+        let (control_tx, mut control) = mpsc::unbounded_channel::<Control>();
+        let (batches_tx, mut batches) = mpsc::channel::<Batch>(INTAKE_BATCHES);
+        let context = IntakeContext::new(control_tx, self.settings.drain_deadline);
         let mut config = self.kafka.clone();
         config
             .set("group.id", self.spec.group_id())
@@ -317,10 +268,14 @@ impl Worker {
             let consumer = consumer.clone();
             let stop = stop_intake.clone();
             let stats = self.stats.clone();
+            let switch = self.pause.clone();
+            let runtime = tokio::runtime::Handle::current();
             let binding = self.binding_id.clone();
             std::thread::Builder::new()
                 .name(format!("weir-intake-{binding}"))
-                .spawn(move || intake_loop(&consumer, &stop, &stats))
+                .spawn(move || {
+                    intake_loop(&consumer, &batches_tx, &runtime, &stop, &switch, &stats)
+                })
                 .map_err(|e| consumer_error(format!("cannot start the intake thread: {e}")))?
         };
 
@@ -334,9 +289,10 @@ impl Worker {
                         break;
                     }
                 }
+                Some(event) = control.recv() => coordinator.on_control(event).await,
                 Some(done) = coordinator.done_rx.recv() => coordinator.on_done(done).await,
-                event = events.recv(), if coordinator.has_room() => match event {
-                    Some(event) => coordinator.on_intake(event).await,
+                batch = batches.recv(), if coordinator.has_room() => match batch {
+                    Some(batch) => coordinator.on_batch(batch),
                     None => break,
                 },
                 _ = sleep_until(linger), if linger.is_some() => coordinator.flush().await,
@@ -361,6 +317,7 @@ impl Worker {
         // (which runs the revocation callback) happens there, not on the executor.
         drop(coordinator);
         drop(consumer);
+        drop(batches);
         stop_intake.store(true, AtomicOrdering::Relaxed);
         // Keep answering revocations while the intake thread closes the consumer.
         let mut closer = tokio::task::spawn_blocking(move || {
@@ -369,11 +326,11 @@ impl Worker {
         loop {
             tokio::select! {
                 _ = &mut closer => break,
-                event = events.recv() => match event {
-                    Some(Intake::Revoke(_, ack)) => {
+                event = control.recv() => match event {
+                    Some(Control::Revoke(_, _, ack)) => {
                         let _ = ack.send(());
                     }
-                    Some(_) => {}
+                    Some(Control::Assign(..)) => {}
                     None => {
                         let _ = (&mut closer).await;
                         break;
@@ -390,57 +347,6 @@ async fn sleep_until(deadline: Option<Instant>) {
         Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
         None => std::future::pending().await,
     }
-}
-
-fn intake_loop(consumer: &BaseConsumer<IntakeContext>, stop: &AtomicBool, stats: &WorkerStats) {
-    while !stop.load(AtomicOrdering::Relaxed) {
-        match consumer.poll(Duration::from_millis(100)) {
-            None => {}
-            Some(Err(e)) => tracing::warn!(error = %e, "kafka consumer error"),
-            Some(Ok(record)) => {
-                let headers: Vec<Header> = record
-                    .headers()
-                    .map(|hs| {
-                        hs.iter()
-                            .map(|h| Header {
-                                key: h.key.to_owned(),
-                                value: h.value.map(<[u8]>::to_vec).unwrap_or_default(),
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                let message = Message {
-                    id: message_id(
-                        record.topic(),
-                        record.partition(),
-                        record.offset(),
-                        &headers,
-                    ),
-                    topic: record.topic().to_owned(),
-                    partition: record.partition().max(0) as u32,
-                    offset: record.offset().max(0) as u64,
-                    key: record.key().map(<[u8]>::to_vec),
-                    payload: record.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-                    headers,
-                    timestamp_ms: record.timestamp().to_millis(),
-                    tenant: String::new(),
-                    attempt: 1,
-                };
-                stats.consumed.fetch_add(1, AtomicOrdering::Relaxed);
-                if consumer
-                    .context()
-                    .events
-                    .blocking_send(Intake::Message(Box::new(message)))
-                    .is_err()
-                {
-                    break;
-                }
-            }
-        }
-    }
-    // Leaving the group runs the revocation callback, which commits what was stored.
-    consumer.unsubscribe();
-    let _ = consumer.commit_consumer_state(CommitMode::Sync);
 }
 
 struct Coordinator {
@@ -466,6 +372,8 @@ struct Coordinator {
     /// A revocation in progress: its acknowledgement, deadline and partitions.
     draining: Option<(std::sync::mpsc::SyncSender<()>, Instant, Vec<Part>)>,
     store_backoff: Duration,
+    /// The intake generation of the current assignment; older batches are dropped.
+    generation: u64,
 }
 
 impl Coordinator {
@@ -503,6 +411,7 @@ impl Coordinator {
             jitter: JitterRng::from_entropy(),
             draining: None,
             store_backoff: Duration::ZERO,
+            generation: 0,
         }
     }
 
@@ -519,32 +428,46 @@ impl Coordinator {
         self.topics.iter().position(|t| t == topic).unwrap_or(0) as u16
     }
 
-    async fn on_intake(&mut self, event: Intake) {
-        match event {
-            Intake::Message(mut message) => {
-                message.tenant.clone_from(&self.spec.tenant);
-                let part = (self.topic_index(&message.topic), message.partition as i32);
-                let offset = message.offset as i64;
-                if let Err(e) = self.offsets.track(part, offset) {
-                    tracing::debug!(error = %e, "offset not tracked (redelivery after a rebalance)");
-                    return;
-                }
-                let key = message.key.clone();
-                let pending = Pending {
-                    message: Arc::new(*message),
-                    part,
-                    offset,
-                    first_failure: None,
-                };
-                self.scheduler.push(part, key.as_deref(), pending);
+    fn on_batch(&mut self, batch: Batch) {
+        if batch.generation != self.generation {
+            tracing::debug!(
+                records = batch.messages.len(),
+                "records from before a rebalance dropped; they will be fetched again"
+            );
+            return;
+        }
+        for mut message in batch.messages {
+            message.tenant.clone_from(&self.spec.tenant);
+            let part = (self.topic_index(&message.topic), message.partition as i32);
+            let offset = message.offset as i64;
+            if let Err(e) = self.offsets.track(part, offset) {
+                tracing::debug!(error = %e, "offset not tracked (redelivery after a rebalance)");
+                continue;
             }
-            Intake::Assign(parts) => {
+            let key = message.key.clone();
+            let pending = Pending {
+                message: Arc::new(message),
+                part,
+                offset,
+                first_failure: None,
+            };
+            self.scheduler.push(part, key.as_deref(), pending);
+        }
+    }
+
+    async fn on_control(&mut self, event: Control) {
+        match event {
+            Control::Assign(parts, generation) => {
+                self.generation = generation;
+                self.stats.assignments.fetch_add(1, AtomicOrdering::Relaxed);
+                tracing::info!(binding = %self.binding_id, partitions = parts.len(), generation, "partitions assigned");
                 for (topic, partition) in parts {
                     let part = (self.topic_index(&topic), partition);
                     self.offsets.assign(part);
                 }
             }
-            Intake::Revoke(parts, ack) => {
+            Control::Revoke(parts, generation, ack) => {
+                self.generation = generation;
                 for (topic, partition) in &parts {
                     let part = (self.topic_index(topic), *partition);
                     let dropped = self.scheduler.revoke(part);

@@ -139,6 +139,11 @@ impl Scenario {
         }
     }
 
+    /// Set an environment variable for every host started from now on (a `WEIR_*` setting).
+    pub fn set_env(&mut self, name: &str, value: &str) {
+        self.env.push((name.to_owned(), value.to_owned()));
+    }
+
     fn command(&self) -> Command {
         let mut command = Command::new(weir_binary());
         for (name, _) in std::env::vars_os() {
