@@ -29,7 +29,8 @@
 //!
 //! Every other variable starting with `WEIR_` is an error (a single underscore,
 //! `WEIR_STORE_URL`, is the usual typo), except the reserved ones ([`RESERVED_ENV`],
-//! [`RESERVED_ENV_PREFIXES`]): `WEIR_LOG` (the log filter) and the variables of the test and
+//! [`RESERVED_ENV_PREFIXES`]): `WEIR_LOG` (the log filter), the CLI's `WEIR_SERVER` and
+//! `WEIR_TOKEN`, and the variables of the test and
 //! build scripts.
 
 use std::collections::BTreeMap;
@@ -65,6 +66,8 @@ pub const RESERVED_ENV: &[&str] = &[
     "WEIR_COMPONENTS_DIR",
     "WEIR_KAFKA_PORT",
     "WEIR_KAFKA_CONTROLLER_PORT",
+    "WEIR_SERVER",
+    "WEIR_TOKEN",
 ];
 
 /// Prefixes of `WEIR_*` variables that are not configuration overrides: the test harness
@@ -360,13 +363,93 @@ pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr
 pub struct ServerConfig {
     /// Address and port to listen on, e.g. `0.0.0.0:8080` or `[::]:8080`.
     pub listen: SocketAddr,
+    /// The platform admin token (at least 16 characters). Unset: no request acts as the admin
+    /// (tenant tokens still work). Best set through `WEIR_SERVER__ADMIN_TOKEN`.
+    pub admin_token: Option<Secret>,
+    /// Largest handler upload accepted, in bytes.
+    pub max_upload_bytes: u64,
+    /// Handlers a tenant may have unless its own quota says otherwise.
+    pub tenant_max_handlers: i64,
+    /// Component bytes a tenant may store over all versions unless its own quota says otherwise.
+    pub tenant_max_total_bytes: i64,
 }
+
+/// Default largest upload: 64 MiB, room for a Python handler built by componentize-py (about
+/// 18 MB, CPython inside) with a wide margin.
+pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 64 * 1024 * 1024;
+/// Default handlers per tenant: 100.
+pub const DEFAULT_TENANT_MAX_HANDLERS: i64 = 100;
+/// Default component bytes per tenant: 2 GiB (about a hundred Python handler versions).
+pub const DEFAULT_TENANT_MAX_TOTAL_BYTES: i64 = 2 * 1024 * 1024 * 1024;
+/// Shortest admin token accepted.
+pub const MIN_ADMIN_TOKEN_LEN: usize = 16;
 
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: DEFAULT_LISTEN,
+            admin_token: None,
+            max_upload_bytes: DEFAULT_MAX_UPLOAD_BYTES,
+            tenant_max_handlers: DEFAULT_TENANT_MAX_HANDLERS,
+            tenant_max_total_bytes: DEFAULT_TENANT_MAX_TOTAL_BYTES,
         }
+    }
+}
+
+impl ServerConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(token) = &self.admin_token
+            && token.expose().len() < MIN_ADMIN_TOKEN_LEN
+        {
+            return Err(invalid(
+                "server.admin_token",
+                format!("is shorter than {MIN_ADMIN_TOKEN_LEN} characters"),
+            ));
+        }
+        check(
+            "server.max_upload_bytes",
+            self.max_upload_bytes,
+            1024,
+            1024 * 1024 * 1024,
+            "bytes",
+        )?;
+        check(
+            "server.tenant_max_handlers",
+            self.tenant_max_handlers,
+            1,
+            1_000_000,
+            "handlers",
+        )?;
+        check(
+            "server.tenant_max_total_bytes",
+            self.tenant_max_total_bytes,
+            1024,
+            1 << 50,
+            "bytes",
+        )
+    }
+}
+
+/// A secret from the configuration: printed as `***`, compared by the caller.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wrap a secret.
+    pub fn new(secret: impl Into<String>) -> Self {
+        Self(secret.into())
+    }
+
+    /// The secret itself.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
     }
 }
 
@@ -398,7 +481,8 @@ pub const DEFAULT_PROCESSED_KEYS_SWEEP_EVERY: Duration = Duration::from_secs(360
 pub struct PipelineConfig {
     /// Completions committed in one transaction at most.
     pub commit_batch_max: u32,
-    /// Milliseconds a group commit waits for more completions; 0 commits at once.
+    /// Milliseconds a completion may wait for others while invocations are still running;
+    /// with none running, or the batch full, the commit starts at once. 0 never waits.
     pub commit_linger_ms: u64,
     /// Milliseconds between two checks for changed bindings.
     pub reconcile_every_ms: u64,
@@ -732,6 +816,7 @@ impl WeirConfig {
         self.runtime
             .validate()
             .map_err(|e| invalid(format!("runtime.{}", e.field), e.message))?;
+        self.server.validate()?;
         self.pipeline.validate(&self.kafka)?;
         self.log.validate()?;
         Ok(())

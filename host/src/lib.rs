@@ -14,6 +14,7 @@
 //!   binding, the outbox relay and the health endpoints.
 //! * [`cli`] — the `weir` command line.
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod kafka;

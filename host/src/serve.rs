@@ -2,10 +2,16 @@
 //! [`Worker`] per binding, the outbox relay, and the health endpoints.
 //!
 //! Owns the lifecycle of workers: started when a binding appears, restarted when its revision
-//! or its handler's active version changes, stopped (drained) when it disappears or the process
-//! shuts down. Every host process does the same from the same store, so a second process joins
-//! the same consumer groups and Kafka spreads the partitions. Knows nothing of SQL, librdkafka
-//! settings or wasmtime beyond the modules' public APIs.
+//! changes (a new spec), stopped (drained) when it disappears or the process shuts down. When
+//! only its handler's active version changes, the worker keeps running: the new version is
+//! compiled off the executor and swapped into the worker's [`HandlerSlot`], so it takes effect
+//! for the next message without restarting the consumer, while invocations already running
+//! finish on the version they started with (SEMANTICS §4). A version that cannot be compiled is
+//! logged and left out (the worker keeps its version) until another one is activated. Every
+//! host process does the same from the same store, so a second process joins the same consumer
+//! groups and Kafka spreads the partitions, and each swaps versions on its own next
+//! reconciliation. Knows nothing of SQL, librdkafka settings or wasmtime beyond the modules'
+//! public APIs.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,12 +25,13 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::{self, AdminState};
 use crate::config::WeirConfig;
 use crate::kafka::{Relay, RelaySettings};
-use crate::pipeline::BindingSpec;
 use crate::pipeline::intake::PauseSwitch;
 use crate::pipeline::worker::{Worker, WorkerSettings, WorkerStats};
-use crate::runtime::{HandlerPool, Runtime};
+use crate::pipeline::{BindingSpec, HandlerSlot};
+use crate::runtime::{HandlerComponent, HandlerPool, Runtime};
 use crate::store::{BindingRecord, Store};
 
 /// Why the host could not start.
@@ -57,9 +64,27 @@ pub enum ServeError {
 /// A worker that runs, and what it was started from.
 struct Running {
     revision: i64,
+    /// The handler version in its slot.
     version: i32,
+    /// A version that could not be compiled: not tried again until another one is active.
+    refused: Option<i32>,
+    /// Where a newly activated version is swapped in.
+    handler: HandlerSlot,
+    /// Idle instances a handler pool of this binding keeps (its `max_in_flight`).
+    max_idle: usize,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+}
+
+/// Why a handler version could not be made ready to run.
+#[derive(Debug, thiserror::Error)]
+enum LoadError {
+    /// The store could not give the bytes (tried again at the next reconciliation).
+    #[error("{0}")]
+    Store(String),
+    /// The bytes are missing or the runtime refused them (not tried again).
+    #[error("{0}")]
+    Component(String),
 }
 
 /// Shared with the health endpoints.
@@ -105,10 +130,21 @@ pub async fn serve(config: WeirConfig, shutdown: CancellationToken) -> Result<()
             addr: config.server.listen,
             message: e.to_string(),
         })?;
+    let admin = Arc::new(AdminState::new(
+        store.clone(),
+        runtime.clone(),
+        &config.server,
+    ));
+    if config.server.admin_token.is_none() {
+        tracing::warn!(
+            "no server.admin_token configured: admin routes of the API answer 401 to every request; tenant tokens still work"
+        );
+    }
     let app = Router::new()
         .route("/health", get(|| async { "ok\n" }))
         .route("/health/ready", get(ready))
-        .with_state(health.clone());
+        .with_state(health.clone())
+        .merge(admin::router(admin));
     let http_shutdown = shutdown.clone();
     let http = tokio::spawn(async move {
         let _ = axum::serve(listener, app)
@@ -221,13 +257,15 @@ async fn reconcile(
             }
         }
     }
-    // Stop what is gone or changed.
+    // Stop what is gone or changed. A new handler version alone is no reason: it is swapped in
+    // below.
     let stale: Vec<String> = running
         .iter()
         .filter(|(id, r)| {
-            desired.get(*id).is_none_or(|(record, version)| {
-                record.revision != r.revision || *version != r.version
-            }) || r.task.is_finished()
+            desired
+                .get(*id)
+                .is_none_or(|(record, _)| record.revision != r.revision)
+                || r.task.is_finished()
         })
         .map(|(id, _)| id.clone())
         .collect();
@@ -236,6 +274,32 @@ async fn reconcile(
             tracing::info!(binding = %id, "stopping worker");
             let _ = worker.stop.send(true);
             let _ = worker.task.await;
+        }
+    }
+    // Swap newly activated versions into the workers that keep running.
+    for (id, (record, version)) in &desired {
+        let Some(worker) = running.get_mut(id) else {
+            continue;
+        };
+        if worker.version == *version || worker.refused == Some(*version) {
+            continue;
+        }
+        match load(store, runtime, record, *version).await {
+            Ok(component) => {
+                let pool = Arc::new(HandlerPool::new(component, worker.max_idle));
+                let previous = worker.handler.swap(pool, Some(*version));
+                // Invocations running on it finish; its idle instances go now.
+                previous.pool.retire();
+                tracing::info!(binding = %id, handler = %record.handler, from = ?previous.version, to = version, "handler version swapped; the worker keeps running");
+                worker.version = *version;
+                worker.refused = None;
+            }
+            Err(e) => {
+                tracing::warn!(binding = %id, handler = %record.handler, version, error = %e, "cannot swap in the active handler version; the worker keeps its version");
+                if matches!(e, LoadError::Component(_)) {
+                    worker.refused = Some(*version);
+                }
+            }
         }
     }
     // Start what is new.
@@ -265,26 +329,18 @@ async fn start(
     let spec: BindingSpec = serde_json::from_value(record.spec.clone())
         .map_err(|e| format!("invalid binding spec: {e}"))?;
     spec.validate().map_err(|e| e.to_string())?;
-    let bytes = store
-        .component_bytes(&record.tenant, &record.handler, version)
+    let component = load(store, runtime, record, version)
         .await
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| {
-            format!(
-                "handler {} version {version} has no component",
-                record.handler
-            )
-        })?;
-    let loader = runtime.clone();
-    let component = tokio::task::spawn_blocking(move || loader.load(&bytes))
-        .await
-        .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
+    let max_idle = spec.max_in_flight;
+    let handler = HandlerSlot::new(
+        Arc::new(HandlerPool::new(component, max_idle)),
+        Some(version),
+    );
     let worker = Worker {
         binding_id: record.id.clone(),
-        handler: Arc::new(HandlerPool::new(component, spec.max_in_flight)),
+        handler: handler.clone(),
         spec,
-        handler_version: Some(version),
         store: store.clone(),
         kafka: kafka.clone(),
         settings: settings.clone(),
@@ -301,9 +357,37 @@ async fn start(
     Ok(Running {
         revision: record.revision,
         version,
+        refused: None,
+        handler,
+        max_idle,
         stop,
         task,
     })
+}
+
+/// Fetch `version` of the binding's handler and compile it, off the executor (the runtime's
+/// cache makes a version compiled before cheap).
+async fn load(
+    store: &Arc<dyn Store>,
+    runtime: &Arc<Runtime>,
+    record: &BindingRecord,
+    version: i32,
+) -> Result<HandlerComponent, LoadError> {
+    let bytes = store
+        .component_bytes(&record.tenant, &record.handler, version)
+        .await
+        .map_err(|e| LoadError::Store(e.to_string()))?
+        .ok_or_else(|| {
+            LoadError::Component(format!(
+                "handler {} version {version} has no component",
+                record.handler
+            ))
+        })?;
+    let loader = runtime.clone();
+    tokio::task::spawn_blocking(move || loader.load(&bytes))
+        .await
+        .map_err(|e| LoadError::Component(e.to_string()))?
+        .map_err(|e| LoadError::Component(e.to_string()))
 }
 
 #[cfg(test)]
@@ -322,6 +406,7 @@ mod tests {
             key: None,
             state_writes: Vec::new(),
             emits: Vec::new(),
+            replay_of: None,
         }
     }
 

@@ -16,7 +16,7 @@ use rdkafka::message::{Header as KafkaHeader, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::Row;
 use weir::pipeline::worker::{Worker, WorkerSettings, WorkerStats, emitted_id};
-use weir::pipeline::{BindingSpec, PauseSwitch};
+use weir::pipeline::{BindingSpec, HandlerSlot, PauseSwitch};
 use weir::runtime::{HandlerPool, Runtime, RuntimeConfig};
 use weir::store::{DlqErrorKind, DlqFilter, Store};
 use weir_acceptance::{component, services, unique_name};
@@ -56,8 +56,7 @@ fn new_worker(
     Worker {
         binding_id: binding_id.to_owned(),
         spec,
-        handler,
-        handler_version: Some(1),
+        handler: HandlerSlot::new(handler, Some(1)),
         store: store.clone(),
         kafka: config,
         settings: WorkerSettings::default(),

@@ -14,8 +14,9 @@ use chrono::{DateTime, TimeZone, Utc};
 use serde_json::json;
 use weir::runtime::{Header, StateWrite};
 use weir::store::{
-    CommitOutcome, Completion, DlqEntryInsert, DlqErrorKind, DlqFilter, DlqState, OutboxInsert,
-    OutboxState, Resolution, Store, StoreError,
+    CommitOutcome, Completion, DlqEntryInsert, DlqErrorKind, DlqFilter, DlqState, NewTenant,
+    NewToken, OutboxInsert, OutboxState, Quota, Resolution, Store, StoreError, TenantUsage,
+    TokenRecord,
 };
 
 /// Bound on waits for a notification; generous, the two cores are shared with the compiler.
@@ -74,6 +75,7 @@ fn completion(message_id: &str, key: &str, writes: Vec<StateWrite>, emits: &[&st
         key: Some(key.as_bytes().to_vec()),
         state_writes: writes,
         emits: emits.iter().map(|id| emit(id, message_id)).collect(),
+        replay_of: None,
     }
 }
 
@@ -128,7 +130,7 @@ fn dlq_entry(
 
 async fn handler_versions_are_idempotent_and_activation_swaps(store: &dyn Store) {
     let first = store
-        .put_handler_version(TENANT, HANDLER, b"component one")
+        .put_handler_version(TENANT, HANDLER, b"component one", &Quota::default())
         .await
         .unwrap();
     assert_eq!(first.version, 1);
@@ -141,12 +143,12 @@ async fn handler_versions_are_idempotent_and_activation_swaps(store: &dyn Store)
 
     // The same bytes again: the same version, nothing new stored.
     let again = store
-        .put_handler_version(TENANT, HANDLER, b"component one")
+        .put_handler_version(TENANT, HANDLER, b"component one", &Quota::default())
         .await
         .unwrap();
     assert_eq!(again, first);
     let second = store
-        .put_handler_version(TENANT, HANDLER, b"component two")
+        .put_handler_version(TENANT, HANDLER, b"component two", &Quota::default())
         .await
         .unwrap();
     assert_eq!(second.version, 2);
@@ -156,12 +158,12 @@ async fn handler_versions_are_idempotent_and_activation_swaps(store: &dyn Store)
 
     // Versions number per handler, and tenants do not share handlers.
     let other_handler = store
-        .put_handler_version(TENANT, "refunds", b"component two")
+        .put_handler_version(TENANT, "refunds", b"component two", &Quota::default())
         .await
         .unwrap();
     assert_eq!(other_handler.version, 1);
     let other_tenant = store
-        .put_handler_version("globex", HANDLER, b"component three")
+        .put_handler_version("globex", HANDLER, b"component three", &Quota::default())
         .await
         .unwrap();
     assert_eq!(other_tenant.version, 1);
@@ -956,6 +958,699 @@ async fn dlq_insert_list_filter_paginate_and_resolve(store: &dyn Store) {
     );
 }
 
+fn quota(max_handlers: i64, max_total_bytes: i64) -> Quota {
+    Quota {
+        max_handlers: Some(max_handlers),
+        max_total_bytes: Some(max_total_bytes),
+    }
+}
+
+/// A SHA-256 as stored: 64 lower-case hex digits.
+fn token_hash(seed: u8) -> String {
+    format!("{seed:02x}").repeat(32)
+}
+
+fn new_token(id: &str, tenant: &str, seed: u8) -> NewToken {
+    NewToken {
+        id: id.to_owned(),
+        tenant: tenant.to_owned(),
+        sha256: token_hash(seed),
+        label: Some(format!("label of {id}")),
+        expires_at: None,
+    }
+}
+
+fn new_tenant(id: &str) -> NewTenant {
+    NewTenant {
+        id: id.to_owned(),
+        quota: Quota::default(),
+    }
+}
+
+async fn quotas_count_handlers_and_bytes_in_the_upload(store: &dyn Store) {
+    let limits = quota(2, 30);
+    assert_eq!(
+        store.tenant_usage(TENANT).await.unwrap(),
+        TenantUsage::default()
+    );
+    let orders = store
+        .put_handler_version(TENANT, HANDLER, b"0123456789", &limits)
+        .await
+        .unwrap();
+    store
+        .put_handler_version(TENANT, "refunds", b"abcdefghij", &limits)
+        .await
+        .unwrap();
+    let usage = TenantUsage {
+        handlers: 2,
+        total_bytes: 20,
+    };
+    assert_eq!(store.tenant_usage(TENANT).await.unwrap(), usage);
+
+    // A third handler passes the count: refused, and nothing of it is stored.
+    let third = store
+        .put_handler_version(TENANT, "payouts", b"x", &limits)
+        .await
+        .unwrap_err();
+    assert!(matches!(third, StoreError::QuotaExceeded(_)), "{third}");
+    assert!(!third.is_unavailable());
+    assert_eq!(store.tenant_usage(TENANT).await.unwrap(), usage);
+    assert!(
+        store
+            .list_handler_versions(TENANT, "payouts")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let names: Vec<String> = store
+        .list_handlers(TENANT)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|summary| summary.handler)
+        .collect();
+    assert_eq!(names, [HANDLER, "refunds"]);
+
+    // A new version of a handler it has is no new handler, but its bytes count.
+    let too_big = store
+        .put_handler_version(TENANT, HANDLER, b"0123456789a", &limits)
+        .await
+        .unwrap_err();
+    assert!(matches!(too_big, StoreError::QuotaExceeded(_)), "{too_big}");
+    assert_eq!(
+        store
+            .list_handler_versions(TENANT, HANDLER)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(store.tenant_usage(TENANT).await.unwrap(), usage);
+    // Reaching a limit exactly is allowed.
+    let second = store
+        .put_handler_version(TENANT, HANDLER, b"9876543210", &limits)
+        .await
+        .unwrap();
+    assert_eq!(second.version, 2);
+    let full = TenantUsage {
+        handlers: 2,
+        total_bytes: 30,
+    };
+    assert_eq!(store.tenant_usage(TENANT).await.unwrap(), full);
+
+    // At the limit (and even under a quota of nothing), re-uploading stored bytes returns the
+    // stored version and counts nothing.
+    for limits in [limits, quota(0, 0)] {
+        let again = store
+            .put_handler_version(TENANT, HANDLER, b"0123456789", &limits)
+            .await
+            .unwrap();
+        assert_eq!(again, orders);
+    }
+    assert_eq!(store.tenant_usage(TENANT).await.unwrap(), full);
+
+    // Each limit alone; another tenant's usage is its own; no quota, no limit.
+    let bytes_only = Quota {
+        max_handlers: None,
+        max_total_bytes: Some(30),
+    };
+    let error = store
+        .put_handler_version(TENANT, "payouts", b"x", &bytes_only)
+        .await
+        .unwrap_err();
+    assert!(matches!(error, StoreError::QuotaExceeded(_)), "{error}");
+    let count_only = Quota {
+        max_handlers: Some(2),
+        max_total_bytes: None,
+    };
+    store
+        .put_handler_version(TENANT, HANDLER, b"a third version", &count_only)
+        .await
+        .unwrap();
+    store
+        .put_handler_version("globex", "payouts", b"0123456789", &limits)
+        .await
+        .unwrap();
+    store
+        .put_handler_version(TENANT, "payouts", b"x", &Quota::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.tenant_usage(TENANT).await.unwrap(),
+        TenantUsage {
+            handlers: 3,
+            total_bytes: 30 + 15 + 1,
+        }
+    );
+    assert_eq!(
+        store.tenant_usage("globex").await.unwrap(),
+        TenantUsage {
+            handlers: 1,
+            total_bytes: 10,
+        }
+    );
+}
+
+async fn handlers_are_listed_and_deleted_unless_a_binding_runs_them(store: &dyn Store) {
+    let none = Quota::default();
+    store
+        .put_handler_version(TENANT, "refunds", b"refunds one", &none)
+        .await
+        .unwrap();
+    let first = store
+        .put_handler_version(TENANT, HANDLER, b"orders one", &none)
+        .await
+        .unwrap();
+    store
+        .put_handler_version(TENANT, HANDLER, b"orders two!", &none)
+        .await
+        .unwrap();
+    store.activate(TENANT, HANDLER, 2).await.unwrap();
+    store
+        .put_handler_version("globex", "billing", b"billing", &none)
+        .await
+        .unwrap();
+
+    let listed = store.list_handlers(TENANT).await.unwrap();
+    let summary: Vec<_> = listed
+        .iter()
+        .map(|h| {
+            (
+                h.tenant.as_str(),
+                h.handler.as_str(),
+                h.active_version,
+                h.latest_version,
+                h.versions,
+                h.total_bytes,
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (TENANT, HANDLER, Some(2), 2, 2, 10 + 11),
+            (TENANT, "refunds", None, 1, 1, 11),
+        ]
+    );
+    assert!(listed[0].created_at <= first.created_at);
+    assert!(store.list_handlers("initech").await.unwrap().is_empty());
+
+    // A binding of the tenant runs it: not deleted. Another tenant's binding of a handler by
+    // the same name does not count.
+    store
+        .put_binding(BINDING, TENANT, HANDLER, &json!({}))
+        .await
+        .unwrap();
+    store
+        .put_binding("globex-refunds", "globex", "refunds", &json!({}))
+        .await
+        .unwrap();
+    let bound = store.delete_handler(TENANT, HANDLER).await.unwrap_err();
+    assert!(matches!(bound, StoreError::Conflict(_)), "{bound}");
+    assert!(bound.to_string().contains(BINDING), "{bound}");
+    assert_eq!(store.list_handlers(TENANT).await.unwrap(), listed);
+    assert!(store.delete_handler(TENANT, "refunds").await.unwrap());
+
+    // Unbound, it goes with all its versions.
+    assert!(store.delete_binding(BINDING).await.unwrap());
+    assert!(store.delete_handler(TENANT, HANDLER).await.unwrap());
+    assert!(store.list_handlers(TENANT).await.unwrap().is_empty());
+    assert!(
+        store
+            .list_handler_versions(TENANT, HANDLER)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.active_version(TENANT, HANDLER).await.unwrap(), None);
+    assert_eq!(
+        store.component_bytes(TENANT, HANDLER, 1).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store.tenant_usage(TENANT).await.unwrap(),
+        TenantUsage::default()
+    );
+    assert!(!store.delete_handler(TENANT, HANDLER).await.unwrap());
+    assert_eq!(store.list_handlers("globex").await.unwrap().len(), 1);
+
+    // Uploaded again, it starts over.
+    let again = store
+        .put_handler_version(TENANT, HANDLER, b"orders two!", &none)
+        .await
+        .unwrap();
+    assert_eq!(again.version, 1);
+}
+
+async fn tenants_are_created_listed_and_deleted_when_empty(store: &dyn Store) {
+    assert!(store.list_tenants().await.unwrap().is_empty());
+    let acme = store
+        .create_tenant(&NewTenant {
+            id: TENANT.to_owned(),
+            quota: quota(5, 1_000_000),
+        })
+        .await
+        .unwrap();
+    assert_eq!(acme.id, TENANT);
+    assert_eq!(acme.quota, quota(5, 1_000_000));
+    let globex = store.create_tenant(&new_tenant("globex")).await.unwrap();
+    assert_eq!(globex.quota, Quota::default());
+    assert_eq!(store.tenant(TENANT).await.unwrap(), Some(acme.clone()));
+    assert_eq!(store.tenant("initech").await.unwrap(), None);
+    assert_eq!(
+        store.list_tenants().await.unwrap(),
+        vec![acme.clone(), globex.clone()]
+    );
+
+    let taken = store.create_tenant(&new_tenant(TENANT)).await.unwrap_err();
+    assert!(matches!(taken, StoreError::Conflict(_)), "{taken}");
+    assert_eq!(store.tenant(TENANT).await.unwrap(), Some(acme.clone()));
+    let negative = store
+        .create_tenant(&NewTenant {
+            id: "initech".to_owned(),
+            quota: quota(-1, 10),
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(negative, StoreError::Invalid(_)), "{negative}");
+    assert_eq!(store.tenant("initech").await.unwrap(), None);
+
+    // Not deleted while it has a handler, nor while it has a binding; its tokens stay.
+    store
+        .create_token(&new_token("tok-1", TENANT, 1))
+        .await
+        .unwrap();
+    store
+        .put_handler_version(TENANT, HANDLER, b"component", &Quota::default())
+        .await
+        .unwrap();
+    let with_handler = store.delete_tenant(TENANT).await.unwrap_err();
+    assert!(
+        matches!(with_handler, StoreError::Conflict(_)),
+        "{with_handler}"
+    );
+    assert!(store.delete_handler(TENANT, HANDLER).await.unwrap());
+    store
+        .put_binding(BINDING, TENANT, HANDLER, &json!({}))
+        .await
+        .unwrap();
+    let with_binding = store.delete_tenant(TENANT).await.unwrap_err();
+    assert!(
+        matches!(with_binding, StoreError::Conflict(_)),
+        "{with_binding}"
+    );
+    assert_eq!(store.tenant(TENANT).await.unwrap(), Some(acme));
+    assert_eq!(store.list_tokens(TENANT).await.unwrap().len(), 1);
+
+    // Empty: deleted, with its tokens.
+    assert!(store.delete_binding(BINDING).await.unwrap());
+    assert!(store.delete_tenant(TENANT).await.unwrap());
+    assert_eq!(store.tenant(TENANT).await.unwrap(), None);
+    assert!(store.list_tokens(TENANT).await.unwrap().is_empty());
+    assert_eq!(store.token_by_hash(&token_hash(1)).await.unwrap(), None);
+    assert_eq!(store.list_tenants().await.unwrap(), vec![globex]);
+    assert!(!store.delete_tenant(TENANT).await.unwrap());
+    // Its id is free again, and a token of the old tenant does not come back.
+    store.create_tenant(&new_tenant(TENANT)).await.unwrap();
+    assert!(store.list_tokens(TENANT).await.unwrap().is_empty());
+}
+
+async fn tokens_are_found_by_hash_and_revoked_by_their_tenant(store: &dyn Store) {
+    store.create_tenant(&new_tenant(TENANT)).await.unwrap();
+    store.create_tenant(&new_tenant("globex")).await.unwrap();
+
+    let unknown = store
+        .create_token(&new_token("tok-0", "initech", 9))
+        .await
+        .unwrap_err();
+    assert!(matches!(unknown, StoreError::NotFound(_)), "{unknown}");
+
+    let first = store
+        .create_token(&new_token("tok-1", TENANT, 1))
+        .await
+        .unwrap();
+    assert_eq!(
+        (first.id.as_str(), first.tenant.as_str()),
+        ("tok-1", TENANT)
+    );
+    assert_eq!(first.label.as_deref(), Some("label of tok-1"));
+    assert_eq!((first.expires_at, first.revoked_at), (None, None));
+    let expiry = now() + chrono::Duration::hours(1);
+    let second = store
+        .create_token(&NewToken {
+            label: None,
+            expires_at: Some(expiry),
+            ..new_token("tok-2", TENANT, 2)
+        })
+        .await
+        .unwrap();
+    assert_eq!(second.expires_at, Some(expiry));
+    assert!(second.created_at >= first.created_at);
+    let foreign = store
+        .create_token(&new_token("tok-3", "globex", 3))
+        .await
+        .unwrap();
+    assert_eq!(foreign.tenant, "globex");
+
+    // Ids and hashes are unique; a hash is 64 lower-case hex digits.
+    for taken in [
+        new_token("tok-1", TENANT, 4),
+        new_token("tok-4", "globex", 1),
+    ] {
+        let error = store.create_token(&taken).await.unwrap_err();
+        assert!(matches!(error, StoreError::Conflict(_)), "{error}");
+    }
+    let bad_hash = store
+        .create_token(&NewToken {
+            sha256: token_hash(0xab).to_uppercase(),
+            ..new_token("tok-5", TENANT, 5)
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(bad_hash, StoreError::Invalid(_)), "{bad_hash}");
+
+    // Found by hash only; listed per tenant, by creation.
+    assert_eq!(
+        store.token_by_hash(&token_hash(1)).await.unwrap(),
+        Some(first.clone())
+    );
+    assert_eq!(
+        store.token_by_hash(&token_hash(2)).await.unwrap(),
+        Some(second.clone())
+    );
+    assert_eq!(store.token_by_hash(&token_hash(7)).await.unwrap(), None);
+    assert_eq!(
+        store.list_tokens(TENANT).await.unwrap(),
+        vec![first.clone(), second.clone()]
+    );
+    assert_eq!(
+        store.list_tokens("globex").await.unwrap(),
+        vec![foreign.clone()]
+    );
+
+    // Expiry: valid until the moment it expires.
+    assert!(first.is_valid_at(now()));
+    assert!(second.is_valid_at(now()));
+    assert!(!second.is_valid_at(expiry));
+    assert!(!second.is_valid_at(expiry + chrono::Duration::seconds(1)));
+
+    // Revocation: only by the token's tenant, idempotent, and the hash still finds it.
+    let not_yours = store.revoke_token("globex", "tok-1").await.unwrap_err();
+    assert!(matches!(not_yours, StoreError::NotFound(_)), "{not_yours}");
+    assert_eq!(
+        store.token_by_hash(&token_hash(1)).await.unwrap(),
+        Some(first.clone())
+    );
+    let missing = store.revoke_token(TENANT, "tok-9").await.unwrap_err();
+    assert!(matches!(missing, StoreError::NotFound(_)), "{missing}");
+    let revoked = store.revoke_token(TENANT, "tok-1").await.unwrap();
+    let revoked_at = revoked.revoked_at.expect("revoked");
+    assert_eq!(
+        revoked,
+        TokenRecord {
+            revoked_at: Some(revoked_at),
+            ..first.clone()
+        }
+    );
+    assert!(!revoked.is_valid_at(now()));
+    let again = store.revoke_token(TENANT, "tok-1").await.unwrap();
+    assert_eq!(again.revoked_at, Some(revoked_at));
+    let found = store.token_by_hash(&token_hash(1)).await.unwrap().unwrap();
+    assert_eq!(found, revoked);
+    assert!(!found.is_valid_at(now()));
+    assert_eq!(
+        store.token_by_hash(&token_hash(2)).await.unwrap(),
+        Some(second)
+    );
+    assert_eq!(store.list_tokens("globex").await.unwrap(), vec![foreign]);
+}
+
+async fn state_list_returns_the_values_of_one_key_by_name(store: &dyn Store) {
+    assert!(
+        store
+            .state_list(TENANT, HANDLER, b"customer-7")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let batch = [
+        completion(
+            "m1",
+            "customer-7",
+            vec![
+                set("b", "2"),
+                set("a", "1"),
+                set("Z", "0"),
+                set("gone", "x"),
+            ],
+            &[],
+        ),
+        completion("m2", "customer-8", vec![set("a", "other key")], &[]),
+        Completion {
+            handler: "refunds".to_owned(),
+            ..completion("m3", "customer-7", vec![set("a", "other handler")], &[])
+        },
+        Completion {
+            tenant: "globex".to_owned(),
+            binding_id: "globex-orders".to_owned(),
+            ..completion("m4", "customer-7", vec![set("a", "other tenant")], &[])
+        },
+    ];
+    assert_eq!(
+        store.commit(&batch).await.unwrap(),
+        [Committed, Committed, Committed, Committed]
+    );
+    store
+        .commit(&[completion(
+            "m5",
+            "customer-7",
+            vec![delete("gone"), set("b", "two")],
+            &[],
+        )])
+        .await
+        .unwrap();
+    // By name, byte-wise (upper case first) on both engines.
+    let values: Vec<(String, String)> = store
+        .state_list(TENANT, HANDLER, b"customer-7")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(name, value)| (name, String::from_utf8(value).unwrap()))
+        .collect();
+    let expected = [("Z", "0"), ("a", "1"), ("b", "two")]
+        .map(|(name, value)| (name.to_owned(), value.to_owned()));
+    assert_eq!(values, expected);
+    assert_eq!(
+        store
+            .state_list(TENANT, HANDLER, b"customer-8")
+            .await
+            .unwrap(),
+        vec![("a".to_owned(), b"other key".to_vec())]
+    );
+}
+
+async fn dlq_replays_are_claimed_with_a_lease_and_marked_by_the_commit(store: &dyn Store) {
+    let lease = Duration::from_secs(60);
+    let first = store
+        .dlq_insert(&dlq_entry(BINDING, "m1", DlqErrorKind::Permanent, 10))
+        .await
+        .unwrap();
+    let second = store
+        .dlq_insert(&dlq_entry(BINDING, "m2", DlqErrorKind::Trap, 20))
+        .await
+        .unwrap();
+    let elsewhere = store
+        .dlq_insert(&dlq_entry(
+            "acme-refunds",
+            "m3",
+            DlqErrorKind::Retryable,
+            30,
+        ))
+        .await
+        .unwrap();
+    let untouched = store
+        .dlq_insert(&dlq_entry(BINDING, "m4", DlqErrorKind::Permanent, 40))
+        .await
+        .unwrap();
+
+    // Nothing is queued yet.
+    assert!(
+        store
+            .dlq_claim_replays(BINDING, 10, lease)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Queued: replaying, once; only the tenant's own entries.
+    let queued = store.dlq_replay(TENANT, first).await.unwrap();
+    assert_eq!((queued.id, queued.state), (first, DlqState::Replaying));
+    assert_eq!(queued.resolved_at, None);
+    let twice = store.dlq_replay(TENANT, first).await.unwrap_err();
+    assert!(matches!(twice, StoreError::Conflict(_)), "{twice}");
+    let foreign = store.dlq_replay("globex", second).await.unwrap_err();
+    assert!(matches!(foreign, StoreError::NotFound(_)), "{foreign}");
+    let missing = store.dlq_replay(TENANT, untouched + 100).await.unwrap_err();
+    assert!(matches!(missing, StoreError::NotFound(_)), "{missing}");
+    // A queued entry is not resolved by hand.
+    let resolve = store
+        .dlq_resolve(TENANT, first, Resolution::Discarded, None)
+        .await
+        .unwrap_err();
+    assert!(matches!(resolve, StoreError::Conflict(_)), "{resolve}");
+    assert_eq!(
+        store.dlq_get(TENANT, first).await.unwrap().unwrap().state,
+        DlqState::Replaying
+    );
+    store.dlq_replay(TENANT, second).await.unwrap();
+    store.dlq_replay(TENANT, elsewhere).await.unwrap();
+    let replaying: Vec<i64> = store
+        .dlq_list(&DlqFilter {
+            state: Some(DlqState::Replaying),
+            ..DlqFilter::default()
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|entry| entry.id)
+        .collect();
+    assert_eq!(replaying, [first, second, elsewhere]);
+
+    // Claims: the binding's own, oldest first, up to the limit; none twice while leased.
+    let claimed = store.dlq_claim_replays(BINDING, 1, lease).await.unwrap();
+    assert_eq!(claimed.iter().map(|e| e.id).collect::<Vec<_>>(), [first]);
+    assert_eq!(claimed[0].entry.message_id, "m1");
+    assert_eq!(claimed[0].state, DlqState::Replaying);
+    let claimed = store.dlq_claim_replays(BINDING, 10, lease).await.unwrap();
+    assert_eq!(claimed.iter().map(|e| e.id).collect::<Vec<_>>(), [second]);
+    assert!(
+        store
+            .dlq_claim_replays(BINDING, 10, lease)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // A lease that runs out makes the entry claimable again.
+    let short = store
+        .dlq_claim_replays("acme-refunds", 10, Duration::from_millis(50))
+        .await
+        .unwrap();
+    assert_eq!(short.iter().map(|e| e.id).collect::<Vec<_>>(), [elsewhere]);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let reclaimed = store
+        .dlq_claim_replays("acme-refunds", 10, lease)
+        .await
+        .unwrap();
+    assert_eq!(
+        reclaimed.iter().map(|e| e.id).collect::<Vec<_>>(),
+        [elsewhere]
+    );
+
+    // The replay of m1 commits: the entry is replayed in the same transaction. m2 was already
+    // processed, so its replay is a duplicate, and its entry is replayed all the same. A
+    // completion of another binding, or for an entry not queued, marks nothing.
+    assert_eq!(
+        store
+            .commit(&[completion("m2", "k", vec![set("a", "first")], &[])])
+            .await
+            .unwrap(),
+        [Committed]
+    );
+    let replays = [
+        Completion {
+            replay_of: Some(first),
+            ..completion("m1", "k", vec![set("b", "replayed")], &["m1-out"])
+        },
+        Completion {
+            replay_of: Some(second),
+            ..completion("m2", "k", vec![set("a", "second")], &[])
+        },
+        Completion {
+            replay_of: Some(elsewhere),
+            ..completion("m3", "k", vec![], &[])
+        },
+        Completion {
+            replay_of: Some(untouched),
+            ..completion("m4", "k", vec![], &[])
+        },
+    ];
+    assert_eq!(
+        store.commit(&replays).await.unwrap(),
+        [Committed, Duplicate, Committed, Committed]
+    );
+    assert_eq!(state(store, "k", "b").await.as_deref(), Some("replayed"));
+    assert_eq!(state(store, "k", "a").await.as_deref(), Some("first"));
+    for id in [first, second] {
+        let entry = store.dlq_get(TENANT, id).await.unwrap().unwrap();
+        assert_eq!(entry.state, DlqState::Replayed, "entry {id}");
+        assert!(entry.resolved_at.is_some(), "entry {id}");
+    }
+    let other = store.dlq_get(TENANT, elsewhere).await.unwrap().unwrap();
+    assert_eq!(
+        (other.state, other.resolved_at),
+        (DlqState::Replaying, None)
+    );
+    assert_eq!(
+        store
+            .dlq_get(TENANT, untouched)
+            .await
+            .unwrap()
+            .unwrap()
+            .state,
+        DlqState::Pending
+    );
+    // Done is done: not queued again, not claimed again.
+    let again = store.dlq_replay(TENANT, first).await.unwrap_err();
+    assert!(matches!(again, StoreError::Conflict(_)), "{again}");
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(
+        store
+            .dlq_claim_replays(BINDING, 10, Duration::ZERO)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // A replay that fails again lands on its entry: pending, the new failure, no lease; it can
+    // be queued again and is claimable at once.
+    let mut failed_again = dlq_entry("acme-refunds", "m3", DlqErrorKind::Permanent, 60);
+    failed_again.error_message = "still broken".to_owned();
+    failed_again.attempts = 1;
+    assert_eq!(store.dlq_insert(&failed_again).await.unwrap(), elsewhere);
+    let refreshed = store.dlq_get(TENANT, elsewhere).await.unwrap().unwrap();
+    assert_eq!(refreshed.state, DlqState::Pending);
+    assert_eq!(refreshed.entry.error_message, "still broken");
+    assert_eq!(refreshed.entry.attempts, 4);
+    assert_eq!(refreshed.entry.last_failure_at, at(60));
+    assert!(
+        store
+            .dlq_claim_replays("acme-refunds", 10, lease)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    store.dlq_replay(TENANT, elsewhere).await.unwrap();
+    let claimed = store
+        .dlq_claim_replays("acme-refunds", 10, lease)
+        .await
+        .unwrap();
+    assert_eq!(
+        claimed.iter().map(|e| e.id).collect::<Vec<_>>(),
+        [elsewhere]
+    );
+
+    // A replayed message that fails once more gets a new entry.
+    let new_entry = store
+        .dlq_insert(&dlq_entry(BINDING, "m1", DlqErrorKind::Permanent, 70))
+        .await
+        .unwrap();
+    assert!(new_entry > untouched);
+    assert_eq!(
+        store.dlq_get(TENANT, first).await.unwrap().unwrap().state,
+        DlqState::Replayed
+    );
+}
+
 async fn sweep_forgets_old_processed_keys(store: &dyn Store) {
     let old = [
         completion("m1", "k", vec![set("a", "1")], &[]),
@@ -1104,6 +1799,12 @@ contract!(
     dlq_insert_list_filter_paginate_and_resolve,
     sweep_forgets_old_processed_keys,
     a_closed_store_is_unavailable,
+    quotas_count_handlers_and_bytes_in_the_upload,
+    handlers_are_listed_and_deleted_unless_a_binding_runs_them,
+    tenants_are_created_listed_and_deleted_when_empty,
+    tokens_are_found_by_hash_and_revoked_by_their_tenant,
+    state_list_returns_the_values_of_one_key_by_name,
+    dlq_replays_are_claimed_with_a_lease_and_marked_by_the_commit,
 );
 
 // ---- engine-specific --------------------------------------------------------------------------
@@ -1259,4 +1960,82 @@ async fn sqlite_file_that_cannot_be_opened_is_unavailable() {
     };
     assert!(error.is_unavailable(), "{error:?}");
     assert!(error.to_string().contains("unable to open"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_uploads_cannot_pass_a_quota_together() {
+    // Eight uploads of eight new handlers at once under a quota of three: the check and the
+    // insert are one transaction, so exactly three get in, on both engines.
+    let fixture = PgFixture::new().await;
+    let (_dir, sqlite) = sqlite_store().await;
+    for store in [fixture.store.clone(), sqlite] {
+        let tasks: Vec<_> = (0..8)
+            .map(|n| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let limits = Quota {
+                        max_handlers: Some(3),
+                        max_total_bytes: None,
+                    };
+                    let component = format!("component {n}");
+                    store
+                        .put_handler_version(
+                            TENANT,
+                            &format!("handler-{n}"),
+                            component.as_bytes(),
+                            &limits,
+                        )
+                        .await
+                })
+            })
+            .collect();
+        let mut stored = 0;
+        for task in tasks {
+            match task.await.unwrap() {
+                Ok(_) => stored += 1,
+                Err(StoreError::QuotaExceeded(_)) => {}
+                Err(error) => panic!("upload failed otherwise: {error}"),
+            }
+        }
+        assert_eq!(stored, 3);
+        assert_eq!(store.tenant_usage(TENANT).await.unwrap().handlers, 3);
+        assert_eq!(store.list_handlers(TENANT).await.unwrap().len(), 3);
+    }
+    fixture.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_replay_claims_never_share_an_entry() {
+    let fixture = PgFixture::new().await;
+    let (_dir, sqlite) = sqlite_store().await;
+    for store in [fixture.store.clone(), sqlite] {
+        let mut queued = Vec::new();
+        for n in 0..20 {
+            let message_id = format!("m{n}");
+            let id = store
+                .dlq_insert(&dlq_entry(BINDING, &message_id, DlqErrorKind::Trap, n))
+                .await
+                .unwrap();
+            store.dlq_replay(TENANT, id).await.unwrap();
+            queued.push(id);
+        }
+        let tasks: Vec<_> = (0..6)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    store
+                        .dlq_claim_replays(BINDING, 5, Duration::from_secs(60))
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut claimed = Vec::new();
+        for task in tasks {
+            claimed.extend(task.await.unwrap().into_iter().map(|entry| entry.id));
+        }
+        claimed.sort_unstable();
+        assert_eq!(claimed, queued, "every entry claimed exactly once");
+    }
+    fixture.drop().await;
 }

@@ -1,106 +1,67 @@
 //! `weir handler deploy`: upload a handler component, make it the active version, and bind it
-//! to topics.
+//! to topics — through the admin API, or straight into a store (see
+//! [`super::api::store_direct`] for which).
 //!
-//! Everything is checked before anything is written: the binding's settings
-//! ([`BindingSpec::validate`], exit 2), then the component, in the same runtime the host uses
-//! ([`Runtime::load`], exit 4). Then, in the store the configuration names: the handler
-//! version (an upload of bytes already stored returns the existing version), its activation,
-//! and the binding (created, or replaced with its revision increased). A store failure exits
-//! with 5.
+//! Through the API: the binding's settings are checked first ([`BindingSpec::validate`],
+//! exit 2), then the version is uploaded (the server validates the component: exit 4 when it
+//! is not a Weir handler) and activated unless `--no-activate`, then, when topics are given,
+//! the binding is created, or replaced when it exists (POST, then PUT on 409).
 //!
-//! Presentation only: validation is the runtime's and the binding's, persistence the store's.
+//! Straight into a store, everything is checked before anything is written: the binding's
+//! settings (exit 2), then the component, in the same runtime the host uses ([`Runtime::load`],
+//! exit 4). Then the handler version (an upload of bytes already stored returns the existing
+//! version), its activation, and the binding (created, or replaced with its revision
+//! increased). A store failure exits with 5.
+//!
+//! Presentation only: validation is the runtime's and the binding's, persistence the store's or
+//! the API's.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
-use std::time::Duration;
 
-use clap::{Args, ValueEnum};
+use clap::Args;
+use reqwest::Method;
 use serde::Serialize;
 
-use super::common::{ConfigFileArg, Failure, async_runtime, load_config, parse_pair};
+use super::api::{Body, Client, ServerArgs, TenantArg, query, segment, store_direct, tenant_path};
+use super::binding::{BindingFlags, binding_body};
+use super::common::{ConfigFileArg, Failure, async_runtime, load_config, print};
 use super::{OutputFormat, exit};
-use crate::pipeline::{BindingError, BindingSpec, Ordering};
+use crate::admin::bindings::BindingView;
+use crate::admin::handlers::Uploaded;
+use crate::pipeline::binding::check_binding_id;
+use crate::pipeline::{BindingError, BindingSpec};
 use crate::runtime::{ComponentError, Runtime, RuntimeConfig};
-
-/// Longest binding id accepted.
-const MAX_BINDING_ID_LEN: usize = 255;
 
 /// Flags of `weir handler deploy`.
 #[derive(Debug, Args)]
 pub struct DeployArgs {
     /// The handler component (`.wasm`).
     pub component: PathBuf,
-    /// Tenant that owns the handler.
-    #[arg(long)]
-    pub tenant: String,
+    #[command(flatten)]
+    pub tenant: TenantArg,
     /// Handler name (a new upload of the same name is a new version).
     #[arg(long)]
     pub name: String,
-    /// Topic to consume (repeatable; at least one).
-    #[arg(long = "topic", value_name = "TOPIC", required = true)]
-    pub topics: Vec<String>,
-    /// Topic the handler may emit to (repeatable; default: none).
-    #[arg(long = "output-topic", value_name = "TOPIC")]
-    pub output_topics: Vec<String>,
-    /// A binding setting, `name=value`, read by the handler through the `config` import
-    /// (repeatable).
-    #[arg(long = "config", value_name = "NAME=VALUE", value_parser = parse_pair)]
-    pub config: Vec<(String, String)>,
-    /// Consumer group (default: `weir.<tenant>.<name>`).
-    #[arg(long = "group", value_name = "GROUP")]
-    pub group: Option<String>,
-    /// Message ordering (default: key).
-    #[arg(long, value_enum)]
-    pub ordering: Option<OrderingArg>,
-    /// Messages in flight at once (default: 64).
-    #[arg(long, value_name = "N")]
-    pub max_in_flight: Option<usize>,
-    /// Attempts in all, the first included, before a message is dead-lettered (default: 4).
-    #[arg(long, value_name = "N")]
-    pub max_attempts: Option<u32>,
-    /// Waits before the 2nd, 3rd, … attempt, in milliseconds (default: 1000,2000,5000).
-    #[arg(long, value_name = "MS,…", value_delimiter = ',')]
-    pub backoff_ms: Option<Vec<u64>>,
-    /// Invocation deadline in milliseconds (default: the runtime's).
-    #[arg(long, value_name = "MS")]
-    pub deadline_ms: Option<u64>,
-    /// Topic dead-lettered messages are published to (default: `<first topic>.dlq`).
-    #[arg(long, value_name = "TOPIC")]
-    pub dlq_topic: Option<String>,
+    #[command(flatten)]
+    pub binding: BindingFlags,
     /// Binding id (default: `<tenant>.<name>`). Deploying again under the same id replaces the
     /// binding: settings not given on the command line take their defaults again.
     #[arg(long, value_name = "ID")]
     pub binding_id: Option<String>,
+    /// Store the version without activating it (the active version, if any, keeps running).
+    #[arg(long)]
+    pub no_activate: bool,
     #[command(flatten)]
     config_file: ConfigFileArg,
-    /// Output format.
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Output format (`human`, alias `table`, or `json`).
     #[arg(long, value_enum, default_value_t)]
     pub output: OutputFormat,
 }
 
-/// `--ordering` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum OrderingArg {
-    /// One message at a time per key, in offset order; different keys in parallel.
-    Key,
-    /// One message at a time per partition.
-    Partition,
-    /// No ordering.
-    None,
-}
-
-impl From<OrderingArg> for Ordering {
-    fn from(arg: OrderingArg) -> Self {
-        match arg {
-            OrderingArg::Key => Ordering::Key,
-            OrderingArg::Partition => Ordering::Partition,
-            OrderingArg::None => Ordering::None,
-        }
-    }
-}
-
-/// What was deployed.
+/// What was deployed into a store.
 #[derive(Debug, Serialize)]
 struct Deployed {
     outcome: &'static str,
@@ -109,6 +70,7 @@ struct Deployed {
     version: i32,
     sha256: String,
     size: i64,
+    active: bool,
     binding_id: String,
     binding_revision: i64,
     group_id: String,
@@ -118,108 +80,202 @@ struct Deployed {
     store: String,
 }
 
+/// What was deployed through the API: the version, and the binding when topics were given.
+#[derive(Debug, Serialize)]
+struct ApiDeployed {
+    outcome: &'static str,
+    tenant: String,
+    handler: String,
+    version: i32,
+    sha256: String,
+    size: i64,
+    active: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    binding_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    binding_revision: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    group_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    topics: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    output_topics: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dlq_topic: Option<String>,
+    server: String,
+}
+
 /// Run the command; returns the exit code.
 pub fn run(args: DeployArgs) -> u8 {
     let output = args.output;
-    match execute(args) {
-        Ok(deployed) => {
-            match output {
-                OutputFormat::Human => print!("{}", deployed.human()),
-                OutputFormat::Json => match serde_json::to_string(&deployed) {
-                    Ok(text) => println!("{text}"),
-                    Err(e) => return Failure::other("internal", e.to_string()).report(output),
-                },
+    let result =
+        store_direct(args.config_file.config_file.as_deref(), &args.server).and_then(|direct| {
+            if direct {
+                execute(args).map(|d| print(output, &d, Deployed::human))
+            } else {
+                through_api(args).map(|d| print(output, &d, ApiDeployed::human))
             }
-            exit::OK
-        }
-        Err(failure) => failure.report(output),
-    }
-}
-
-/// The binding the flags describe.
-fn binding_spec(args: &DeployArgs) -> BindingSpec {
-    let mut spec = BindingSpec::new(&args.tenant, &args.name, args.topics.clone());
-    spec.group_id = args.group.clone();
-    if let Some(ordering) = args.ordering {
-        spec.ordering = ordering.into();
-    }
-    if let Some(max_in_flight) = args.max_in_flight {
-        spec.max_in_flight = max_in_flight;
-    }
-    if let Some(max_attempts) = args.max_attempts {
-        spec.retry.max_attempts = max_attempts;
-    }
-    if let Some(backoff) = &args.backoff_ms {
-        spec.retry.backoff = backoff.iter().copied().map(Duration::from_millis).collect();
-    }
-    spec.output_topics = args.output_topics.clone();
-    spec.config = args.config.iter().cloned().collect::<BTreeMap<_, _>>();
-    spec.deadline_ms = args.deadline_ms;
-    spec.dlq_topic = args.dlq_topic.clone();
-    spec
-}
-
-/// Binding ids: 1–255 characters of `a-z`, `0-9`, `.`, `_`, `-`, starting with a letter or
-/// digit (the default `<tenant>.<name>` always is one).
-fn check_binding_id(id: &str) -> Result<(), BindingError> {
-    let ok = !id.is_empty()
-        && id.len() <= MAX_BINDING_ID_LEN
-        && id.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
-        })
-        && id.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric());
-    if ok {
-        Ok(())
-    } else {
-        Err(BindingError {
-            field: "binding_id".to_owned(),
-            message: format!(
-                "`{id}` must be 1-{MAX_BINDING_ID_LEN} characters of a-z, 0-9, `.`, `_`, `-`, \
-                 starting with a letter or digit"
-            ),
-        })
-    }
+        });
+    result.unwrap_or_else(|failure| failure.report(output))
 }
 
 fn invalid_binding(error: BindingError) -> Failure {
-    Failure {
-        code: "invalid-binding",
-        message: error.to_string(),
-        exit: exit::USAGE,
-    }
+    Failure::new("invalid-binding", error.to_string(), exit::USAGE)
 }
 
-fn execute(args: DeployArgs) -> Result<Deployed, Failure> {
-    // 1. The binding's settings: cheap, and a typo should not wait for a compilation.
-    let spec = binding_spec(&args);
+/// The binding the flags describe and its id, checked.
+fn checked_binding(args: &DeployArgs, tenant: &str) -> Result<(BindingSpec, String), Failure> {
+    let spec = args.binding.spec(tenant, &args.name);
     spec.validate().map_err(invalid_binding)?;
     let binding_id = args
         .binding_id
         .clone()
-        .unwrap_or_else(|| format!("{}.{}", args.tenant, args.name));
+        .unwrap_or_else(|| format!("{tenant}.{}", args.name));
     check_binding_id(&binding_id).map_err(invalid_binding)?;
+    Ok((spec, binding_id))
+}
 
-    // 2. The configuration and the component, in the runtime the host would run it in.
-    let config = load_config(args.config_file.config_file.as_deref())?;
-    let bytes = std::fs::read(&args.component).map_err(|e| {
+fn read_component(args: &DeployArgs) -> Result<Vec<u8>, Failure> {
+    std::fs::read(&args.component).map_err(|e| {
         Failure::other(
             "unreadable-component",
             format!("cannot read {}: {e}", args.component.display()),
         )
+    })
+}
+
+fn through_api(args: DeployArgs) -> Result<ApiDeployed, Failure> {
+    let client = Client::new(&args.server)?;
+    let tenant = client.tenant(args.tenant.tenant.as_deref())?;
+    // 1. The binding's settings: cheap, and a typo should not leave a version behind.
+    let binding = if args.binding.topics.is_empty() {
+        None
+    } else {
+        Some(checked_binding(&args, &tenant)?)
+    };
+    // 2. The version: the server validates and compiles it before storing anything.
+    let bytes = read_component(&args)?;
+    let path = tenant_path(
+        &tenant,
+        &format!(
+            "/handlers/{}/versions{}",
+            segment(&args.name),
+            query(&[("activate", Some((!args.no_activate).to_string()))])
+        ),
+    );
+    let uploaded: Uploaded = client
+        .call(Method::POST, &path, Body::<()>::Wasm(bytes))
+        .map_err(|mut failure| {
+            if failure.exit == exit::INVALID_COMPONENT {
+                failure.message = format!(
+                    "{} is not a valid Weir handler: {}",
+                    args.component.display(),
+                    failure.message
+                );
+            }
+            failure
+        })?;
+    let version = &uploaded.version;
+    let mut deployed = ApiDeployed {
+        outcome: "deployed",
+        tenant: tenant.clone(),
+        handler: uploaded.name.clone(),
+        version: version.version,
+        sha256: version.sha256.clone(),
+        size: version.size,
+        active: version.active,
+        binding_id: None,
+        binding_revision: None,
+        group_id: None,
+        topics: None,
+        output_topics: None,
+        dlq_topic: None,
+        server: client.server().to_owned(),
+    };
+    // 3. The binding: created, or replaced when it exists.
+    let Some((spec, binding_id)) = binding else {
+        return Ok(deployed);
+    };
+    let body = binding_body(Some(&binding_id), &spec)?;
+    let created: Result<BindingView, Failure> = client.call(
+        Method::POST,
+        &tenant_path(&tenant, "/bindings"),
+        Body::Json(&body),
+    );
+    let stored = match created {
+        Err(failure) if failure.exit == exit::CONFLICT => client
+            .call(
+                Method::PUT,
+                &tenant_path(&tenant, &format!("/bindings/{}", segment(&binding_id))),
+                Body::Json(&body),
+            )
+            .map_err(|failure| {
+                if failure.exit == exit::NOT_FOUND {
+                    // The id exists, but not among this tenant's bindings.
+                    Failure::new(
+                        "conflict",
+                        format!(
+                            "binding id {binding_id:?} belongs to another tenant; choose another \
+                             with --binding-id"
+                        ),
+                        exit::CONFLICT,
+                    )
+                } else {
+                    failure
+                }
+            }),
+        other => other,
+    };
+    let view = stored.map_err(|mut failure| {
+        let _ = write!(
+            failure.message,
+            " (version {} of {tenant}/{} was stored{}; the binding was not changed)",
+            deployed.version,
+            deployed.handler,
+            if deployed.active {
+                " and activated"
+            } else {
+                ""
+            }
+        );
+        failure
     })?;
+    deployed.binding_id = Some(view.id);
+    deployed.binding_revision = Some(view.revision);
+    deployed.group_id = Some(view.spec.group_id());
+    deployed.dlq_topic = Some(view.spec.dlq_topic());
+    deployed.topics = Some(view.spec.topics);
+    deployed.output_topics = Some(view.spec.output_topics);
+    Ok(deployed)
+}
+
+fn execute(args: DeployArgs) -> Result<Deployed, Failure> {
+    let Some(tenant) = args.tenant.tenant.clone() else {
+        return Err(Failure::usage(
+            "--tenant is required when deploying straight into a store",
+        ));
+    };
+    // 1. The binding's settings: cheap, and a typo should not wait for a compilation.
+    let (spec, binding_id) = checked_binding(&args, &tenant)?;
+
+    // 2. The configuration and the component, in the runtime the host would run it in.
+    let config = load_config(args.config_file.config_file.as_deref())?;
+    let bytes = read_component(&args)?;
     let runtime = Runtime::new(RuntimeConfig {
         // Loading validates and compiles; it instantiates nothing, so one slot is enough.
         pool_instances: 1,
         ..config.runtime.clone()
     })
     .map_err(|e| Failure::other("invalid-configuration", e.to_string()))?;
-    runtime.load(&bytes).map_err(|e: ComponentError| Failure {
-        code: e.code(),
-        message: format!(
-            "{} is not a valid Weir handler: {e}",
-            args.component.display()
-        ),
-        exit: exit::INVALID_COMPONENT,
+    runtime.load(&bytes).map_err(|e: ComponentError| {
+        Failure::new(
+            e.code(),
+            format!(
+                "{} is not a valid Weir handler: {e}",
+                args.component.display()
+            ),
+            exit::INVALID_COMPONENT,
+        )
     })?;
     drop(runtime);
     let spec_json = serde_json::to_value(&spec)
@@ -227,8 +283,8 @@ fn execute(args: DeployArgs) -> Result<Deployed, Failure> {
 
     // 3. The store: version, activation, binding.
     let store_config = &config.store;
-    let tenant = &args.tenant;
     let handler = &args.name;
+    let activate = !args.no_activate;
     let (version, binding) = async_runtime()?.block_on(async {
         let store = store_config
             .connect()
@@ -241,7 +297,7 @@ fn execute(args: DeployArgs) -> Result<Deployed, Failure> {
                 .binding(&binding_id)
                 .await
                 .map_err(|e| Failure::store(store_config, "reading the binding from", e))?;
-            if let Some(existing) = existing.filter(|b| &b.tenant != tenant) {
+            if let Some(existing) = existing.filter(|b| b.tenant != tenant) {
                 return Err(Failure::other(
                     "conflict",
                     format!(
@@ -252,15 +308,17 @@ fn execute(args: DeployArgs) -> Result<Deployed, Failure> {
                 ));
             }
             let version = store
-                .put_handler_version(tenant, handler, &bytes)
+                .put_handler_version(&tenant, handler, &bytes, &crate::store::Quota::default())
                 .await
                 .map_err(|e| Failure::store(store_config, "storing the handler version in", e))?;
-            store
-                .activate(tenant, handler, version.version)
-                .await
-                .map_err(|e| Failure::store(store_config, "activating the version in", e))?;
+            if activate {
+                store
+                    .activate(&tenant, handler, version.version)
+                    .await
+                    .map_err(|e| Failure::store(store_config, "activating the version in", e))?;
+            }
             let binding = store
-                .put_binding(&binding_id, tenant, handler, &spec_json)
+                .put_binding(&binding_id, &tenant, handler, &spec_json)
                 .await
                 .map_err(|e| Failure::store(store_config, "storing the binding in", e))?;
             Ok::<_, Failure>((version, binding))
@@ -276,6 +334,7 @@ fn execute(args: DeployArgs) -> Result<Deployed, Failure> {
         version: version.version,
         sha256: version.sha256,
         size: version.size,
+        active: activate,
         binding_id: binding.id,
         binding_revision: binding.revision,
         group_id: spec.group_id(),
@@ -286,13 +345,32 @@ fn execute(args: DeployArgs) -> Result<Deployed, Failure> {
     })
 }
 
+fn active(active: bool) -> &'static str {
+    if active {
+        "(active)"
+    } else {
+        "(stored, not activated)"
+    }
+}
+
+fn or_none(items: &[String]) -> String {
+    if items.is_empty() {
+        "(none)".to_owned()
+    } else {
+        items.join(", ")
+    }
+}
+
 impl Deployed {
     fn human(&self) -> String {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "handler   {}/{} version {} (active)",
-            self.tenant, self.handler, self.version
+            "handler   {}/{} version {} {}",
+            self.tenant,
+            self.handler,
+            self.version,
+            active(self.active)
         );
         let _ = writeln!(out, "sha256    {}  ({} bytes)", self.sha256, self.size);
         let _ = writeln!(
@@ -302,14 +380,46 @@ impl Deployed {
         );
         let _ = writeln!(out, "group     {}", self.group_id);
         let _ = writeln!(out, "topics    {}", self.topics.join(", "));
-        let outputs = if self.output_topics.is_empty() {
-            "(none)".to_owned()
-        } else {
-            self.output_topics.join(", ")
-        };
-        let _ = writeln!(out, "outputs   {outputs}");
+        let _ = writeln!(out, "outputs   {}", or_none(&self.output_topics));
         let _ = writeln!(out, "dlq       {}", self.dlq_topic);
         let _ = writeln!(out, "store     {}", self.store);
+        out
+    }
+}
+
+impl ApiDeployed {
+    fn human(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "handler   {}/{} version {} {}",
+            self.tenant,
+            self.handler,
+            self.version,
+            active(self.active)
+        );
+        let _ = writeln!(out, "sha256    {}  ({} bytes)", self.sha256, self.size);
+        match (&self.binding_id, self.binding_revision) {
+            (Some(id), Some(revision)) => {
+                let _ = writeln!(out, "binding   {id} (revision {revision})");
+                let _ = writeln!(out, "group     {}", self.group_id.as_deref().unwrap_or(""));
+                let _ = writeln!(
+                    out,
+                    "topics    {}",
+                    or_none(self.topics.as_deref().unwrap_or_default())
+                );
+                let _ = writeln!(
+                    out,
+                    "outputs   {}",
+                    or_none(self.output_topics.as_deref().unwrap_or_default())
+                );
+                let _ = writeln!(out, "dlq       {}", self.dlq_topic.as_deref().unwrap_or(""));
+            }
+            _ => {
+                let _ = writeln!(out, "binding   (unchanged: no --topic given)");
+            }
+        }
+        let _ = writeln!(out, "server    {}", self.server);
         out
     }
 }
@@ -317,6 +427,7 @@ impl Deployed {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::binding::MAX_BINDING_ID_LEN;
 
     #[test]
     fn binding_ids_are_plain_names() {

@@ -2,16 +2,22 @@
 //! cluster for Kafka, SQLite under a local folder for the store — with the example `orders`
 //! handler deployed, and with `--demo`, sample traffic and a running summary.
 //!
+//! The admin API is served too, on the same address: with an admin token (generated at each
+//! start unless `WEIR_SERVER__ADMIN_TOKEN` sets one) and a token of the tenant that owns the
+//! example handler, both printed, so that `weir dlq list`, `weir produce`, `weir handler deploy`
+//! work against it with nothing installed.
+//!
 //! The mock cluster is for development and fault-injection tests only; acceptance tests use a
 //! real broker. Everything else is the production code path: [`crate::serve::serve`] runs the
-//! bindings, the relay and the health endpoints.
+//! bindings, the relay, the admin API and the health endpoints.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use base64::Engine as _;
 use clap::Args;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -22,19 +28,24 @@ use tokio_util::sync::CancellationToken;
 
 use super::common::Failure;
 use super::{OutputFormat, exit};
-use crate::config::WeirConfig;
+use crate::admin::auth::{new_token, token_hash};
+use crate::config::{Secret, WeirConfig};
 use crate::pipeline::BindingSpec;
+use crate::store::{NewTenant, NewToken, Store, StoreError};
 
+/// The tenant that owns the example handler; the token printed at start-up acts for it.
 const TENANT: &str = "dev";
 const HANDLER: &str = "orders";
 const INPUT: &str = "orders";
 const OUTPUT: &str = "orders.accepted";
 const DLQ: &str = "orders.dlq";
+/// The variable that chooses the admin token (the same override `weir serve` reads).
+const ADMIN_TOKEN_ENV: &str = "WEIR_SERVER__ADMIN_TOKEN";
 
 /// Flags of `weir dev`.
 #[derive(Debug, Args)]
 pub struct DevArgs {
-    /// Address of `/health` (loopback by default).
+    /// Address of `/health` and the admin API (loopback by default).
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
     /// Folder for the SQLite store.
@@ -118,6 +129,8 @@ fn execute(args: DevArgs) -> Result<(), Failure> {
     config.kafka.bootstrap_servers.clone_from(&bootstrap);
     config.server.listen = args.listen;
     config.pipeline.reconcile_every_ms = 500;
+    let (admin_token, admin_from_env) = admin_token()?;
+    config.server.admin_token = Some(Secret::new(admin_token.clone()));
     config
         .validate()
         .map_err(|e| Failure::other("invalid-configuration", e.to_string()))?;
@@ -133,7 +146,7 @@ fn execute(args: DevArgs) -> Result<(), Failure> {
             .await
             .map_err(|e| Failure::other("store", format!("cannot open {}: {e}", config.store.url)))?;
         let version = store
-            .put_handler_version(TENANT, HANDLER, &bytes)
+            .put_handler_version(TENANT, HANDLER, &bytes, &crate::store::Quota::default())
             .await
             .map_err(|e| Failure::other("store", e.to_string()))?;
         store.activate(TENANT, HANDLER, version.version).await.map_err(|e| Failure::other("store", e.to_string()))?;
@@ -146,15 +159,29 @@ fn execute(args: DevArgs) -> Result<(), Failure> {
             .put_binding("dev.orders", TENANT, HANDLER, &spec_json)
             .await
             .map_err(|e| Failure::other("store", e.to_string()))?;
+        let tenant_token = tenant_token(store.as_ref()).await;
         store.close().await;
+        let tenant_token = tenant_token?;
 
         println!("weir dev");
         println!("  kafka    in-process mock cluster at {bootstrap} (topics {INPUT}, {OUTPUT}, {DLQ})");
         println!("  store    {} (fresh each run, like the in-process Kafka)", config.store.url);
         println!("  handler  {TENANT}/{HANDLER} version {} ({}), bound to topic {INPUT}", version.version, component.display());
         println!("  health   http://{}/health", config.server.listen);
+        let server = server_url(config.server.listen);
+        println!("  api      {server}/v1 (routes: {server}/v1/openapi.json)");
+        if admin_from_env {
+            println!("  admin    token from {ADMIN_TOKEN_ENV}");
+        } else {
+            println!("  admin    token {admin_token} (new each run; set {ADMIN_TOKEN_ENV} to choose it)");
+        }
+        println!("  tenant   {TENANT}, token {tenant_token}");
+        println!("  try      export WEIR_SERVER={server} WEIR_TOKEN={tenant_token}");
+        println!("           weir dlq list    (in this checkout: cargo run -q -- dlq list)");
         if !args.demo {
-            println!("  produce to {INPUT} on {bootstrap}, or run with --demo for sample traffic; Ctrl-C stops");
+            println!(
+                "  produce to {INPUT} on {bootstrap}, or with `weir produce {INPUT} --key c-1 --value '{{\"order_id\":\"o-1\",\"customer\":\"c-1\",\"amount_cents\":100}}'`, or run with --demo for sample traffic; Ctrl-C stops"
+            );
         }
 
         let shutdown = CancellationToken::new();
@@ -187,6 +214,65 @@ fn execute(args: DevArgs) -> Result<(), Failure> {
     runtime.shutdown_timeout(Duration::from_secs(5));
     drop(mock);
     result
+}
+
+/// The admin token: `WEIR_SERVER__ADMIN_TOKEN` when set (then `true`), else a new random one.
+fn admin_token() -> Result<(String, bool), Failure> {
+    if let Some(token) = std::env::var(ADMIN_TOKEN_ENV)
+        .ok()
+        .filter(|t| !t.is_empty())
+    {
+        return Ok((token, true));
+    }
+    let mut random = [0u8; 32];
+    getrandom::fill(&mut random)
+        .map_err(|e| Failure::other("internal", format!("cannot generate the admin token: {e}")))?;
+    let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random);
+    Ok((format!("weir_admin_{secret}"), false))
+}
+
+/// The tenant that owns the example handler (created if missing) and a new token for it.
+async fn tenant_token(store: &dyn Store) -> Result<String, Failure> {
+    let tenant = NewTenant {
+        id: TENANT.to_owned(),
+        quota: crate::store::Quota::default(),
+    };
+    match store.create_tenant(&tenant).await {
+        Ok(_) | Err(StoreError::Conflict(_)) => {}
+        Err(e) => {
+            return Err(Failure::other(
+                "store",
+                format!("cannot create tenant {TENANT}: {e}"),
+            ));
+        }
+    }
+    let (id, secret) = new_token().map_err(|e| {
+        Failure::other(
+            "internal",
+            format!("cannot generate a token: {}", e.detail.message),
+        )
+    })?;
+    store
+        .create_token(&NewToken {
+            id,
+            tenant: TENANT.to_owned(),
+            sha256: token_hash(&secret),
+            label: Some("weir dev".to_owned()),
+            expires_at: None,
+        })
+        .await
+        .map_err(|e| Failure::other("store", format!("cannot create a token for {TENANT}: {e}")))?;
+    Ok(secret)
+}
+
+/// The URL a client on this machine reaches `listen` at (loopback for a wildcard address).
+fn server_url(listen: SocketAddr) -> String {
+    let ip = if listen.ip().is_unspecified() {
+        IpAddr::V4(Ipv4Addr::LOCALHOST)
+    } else {
+        listen.ip()
+    };
+    format!("http://{}", SocketAddr::new(ip, listen.port()))
 }
 
 /// Sample traffic and a running summary: orders in, events out on `orders.accepted`, records on

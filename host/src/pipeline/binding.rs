@@ -23,7 +23,7 @@ pub const MAX_MAX_IN_FLIGHT: usize = 10_000;
 const MAX_TOPIC_LEN: usize = 249;
 
 /// A binding's policy, as stored and edited.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BindingSpec {
     /// Owning tenant.
@@ -100,6 +100,31 @@ pub fn check_name(field: &str, name: &str) -> Result<(), BindingError> {
                 "`{name}` must be 1-64 characters of a-z, 0-9, `-`, `_`, starting with a letter or digit"
             ),
         ))
+    }
+}
+
+/// Longest binding id.
+pub const MAX_BINDING_ID_LEN: usize = 255;
+
+/// Binding ids: 1–255 characters of `a-z`, `0-9`, `.`, `_`, `-`, starting with a letter or
+/// digit (the default `<tenant>.<name>` always is one).
+pub fn check_binding_id(id: &str) -> Result<(), BindingError> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_BINDING_ID_LEN
+        && id.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
+        })
+        && id.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(BindingError {
+            field: "binding_id".to_owned(),
+            message: format!(
+                "`{id}` must be 1-{MAX_BINDING_ID_LEN} characters of a-z, 0-9, `.`, `_`, `-`, \
+                 starting with a letter or digit"
+            ),
+        })
     }
 }
 
@@ -212,11 +237,22 @@ impl BindingSpec {
         if let Some(dlq) = &self.dlq_topic {
             check_topic("dlq_topic", dlq)?;
         }
-        for name in self.config.keys() {
+        for (name, value) in &self.config {
             if name.is_empty() || name.len() > 256 {
                 return Err(invalid(
                     "config",
                     format!("setting name `{name}` must be 1-256 characters"),
+                ));
+            }
+            // A setting that names a topic tells the handler where to emit: it must be one the
+            // binding allows, or every emit would be refused at run time.
+            if name.ends_with("topic") && !self.output_topics.contains(value) {
+                return Err(invalid(
+                    format!("config.{name}"),
+                    format!(
+                        "names topic `{value}`, which is not among output_topics {:?}; the handler could not emit to it",
+                        self.output_topics
+                    ),
                 ));
             }
         }
@@ -227,6 +263,16 @@ impl BindingSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_setting_that_names_a_topic_must_name_an_allowed_one() {
+        let mut s = spec();
+        s.config
+            .insert("output-topic".into(), "orders.accepted".into());
+        assert!(s.validate().is_ok());
+        s.config.insert("output-topic".into(), "elsewhere".into());
+        assert_eq!(s.validate().unwrap_err().field, "config.output-topic");
+    }
 
     fn spec() -> BindingSpec {
         let mut spec = BindingSpec::new("acme", "orders", vec!["orders".into()]);

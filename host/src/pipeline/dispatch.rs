@@ -23,7 +23,7 @@ use std::num::NonZeroUsize;
 use serde::{Deserialize, Serialize};
 
 /// How a binding orders its messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Ordering {
     /// One message at a time per (partition, key), in offset order; different keys in parallel.
@@ -46,6 +46,8 @@ pub struct Ticket<M, P = i32> {
     message: M,
     partition: P,
     lane: Option<LaneKey<P>>,
+    /// Whether the ticket still holds an in-flight slot (see [`KeyScheduler::release_slot`]).
+    slot: bool,
 }
 
 impl<M, P: Copy> Ticket<M, P> {
@@ -111,6 +113,8 @@ pub struct KeyScheduler<M, P = i32> {
     ordering: Ordering,
     max_in_flight: usize,
     in_flight: usize,
+    /// Tickets out whose slot was released early: their keys stay occupied.
+    settling: usize,
     queued: usize,
     key_hasher: RandomState,
     lanes: HashMap<LaneKey<P>, Lane>,
@@ -127,6 +131,7 @@ impl<M, P: Copy + Eq + Hash> KeyScheduler<M, P> {
             ordering,
             max_in_flight: max_in_flight.get(),
             in_flight: 0,
+            settling: 0,
             queued: 0,
             key_hasher: RandomState::new(),
             lanes: HashMap::new(),
@@ -199,6 +204,7 @@ impl<M, P: Copy + Eq + Hash> KeyScheduler<M, P> {
                     message,
                     partition,
                     lane: None,
+                    slot: true,
                 },
                 Ready::Lane(lane_key) => {
                     let Some(lane) = self.lanes.get_mut(&lane_key) else {
@@ -218,6 +224,7 @@ impl<M, P: Copy + Eq + Hash> KeyScheduler<M, P> {
                         message,
                         partition: lane_key.partition,
                         lane: Some(lane_key),
+                        slot: true,
                     }
                 }
             };
@@ -231,8 +238,16 @@ impl<M, P: Copy + Eq + Hash> KeyScheduler<M, P> {
     /// Give a ticket back: its message is done (committed or dead-lettered). Frees its in-flight
     /// slot and lets the next message of its key run. Returns the message.
     pub fn finish(&mut self, ticket: Ticket<M, P>) -> M {
-        debug_assert!(self.in_flight > 0, "finish without a ticket out");
-        self.in_flight = self.in_flight.saturating_sub(1);
+        if ticket.slot {
+            debug_assert!(self.in_flight > 0, "finish without a ticket out");
+            self.in_flight = self.in_flight.saturating_sub(1);
+        } else {
+            debug_assert!(
+                self.settling > 0,
+                "finish of a settling ticket never released"
+            );
+            self.settling = self.settling.saturating_sub(1);
+        }
         if let Some(lane_key) = ticket.lane
             && let Some(lane) = self.lanes.get_mut(&lane_key)
         {
@@ -244,6 +259,22 @@ impl<M, P: Copy + Eq + Hash> KeyScheduler<M, P> {
             }
         }
         ticket.message
+    }
+
+    /// Free a ticket's in-flight slot while its key (or partition) stays occupied until
+    /// [`Self::finish`]: for a message whose work is done but not yet committed, so that other
+    /// keys may run meanwhile. Idempotent.
+    pub fn release_slot(&mut self, ticket: &mut Ticket<M, P>) {
+        if ticket.slot {
+            ticket.slot = false;
+            self.in_flight = self.in_flight.saturating_sub(1);
+            self.settling += 1;
+        }
+    }
+
+    /// Tickets out, running or settling: what a drain waits for.
+    pub fn outstanding(&self) -> usize {
+        self.in_flight + self.settling
     }
 
     /// Drop the queued messages of `partition` (on revoke) and return them, each key's in push
@@ -291,10 +322,10 @@ impl<M, P: Copy + Eq + Hash> KeyScheduler<M, P> {
         self.in_flight
     }
 
-    /// Messages held: queued plus in flight. The caller pauses intake when this reaches the
-    /// binding's queue bound.
+    /// Messages held: queued, in flight or settling. The caller pauses intake when this reaches
+    /// the binding's queue bound.
     pub fn len(&self) -> usize {
-        self.queued + self.in_flight
+        self.queued + self.in_flight + self.settling
     }
 
     /// Nothing queued and nothing in flight.
@@ -450,6 +481,7 @@ mod tests {
         Push { partition: u8, key: Option<u8> },
         Next,
         Finish(usize),
+        Settle(usize),
         Revoke(u8),
     }
 
@@ -459,6 +491,7 @@ mod tests {
                 .prop_map(|(partition, key)| Op::Push { partition, key }),
             3 => Just(Op::Next),
             2 => any::<usize>().prop_map(Op::Finish),
+            1 => any::<usize>().prop_map(Op::Settle),
             1 => (0u8..3).prop_map(Op::Revoke),
         ]
     }
@@ -506,7 +539,8 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(1024))]
 
-        /// Random interleavings of push / next_ready / finish / revoke, then a full drain.
+        /// Random interleavings of push / next_ready / release_slot / finish / revoke, then a
+        /// full drain. A settling ticket (slot released) frees room but keeps its key.
         #[test]
         fn scheduler_keeps_order_exclusion_and_bounds(
             ordering in ordering(),
@@ -523,6 +557,7 @@ mod tests {
                 revoked: BTreeSet::new(),
             };
             let mut next_id = 0u32;
+            let mut settling: BTreeSet<u32> = BTreeSet::new();
             let keys: [&[u8]; 4] = [b"k0", b"k1", b"k2", b"k3"];
             let next = |s: &mut KeyScheduler<u32, u8>, m: &mut Model| {
                 match s.next_ready() {
@@ -568,7 +603,15 @@ mod tests {
                         if !m.held.is_empty() {
                             let t = m.held.swap_remove(i % m.held.len());
                             let id = *t.message();
+                            settling.remove(&id);
                             prop_assert_eq!(s.finish(t), id);
+                        }
+                    }
+                    Op::Settle(i) => {
+                        if !m.held.is_empty() {
+                            let at = i % m.held.len();
+                            settling.insert(*m.held[at].message());
+                            s.release_slot(&mut m.held[at]);
                         }
                     }
                     Op::Revoke(partition) => {
@@ -589,7 +632,9 @@ mod tests {
                     }
                 }
                 prop_assert!(s.in_flight() <= max);
-                prop_assert_eq!(s.in_flight(), m.held.len());
+                prop_assert_eq!(s.in_flight(), m.held.len() - settling.len());
+                prop_assert_eq!(s.outstanding(), m.held.len());
+                prop_assert_eq!(s.len(), m.held.len() + m.queued.len());
                 prop_assert_eq!(s.queued(), m.queued.len());
                 m.check_exclusion();
             }

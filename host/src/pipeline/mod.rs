@@ -10,13 +10,19 @@
 //!    pauses it from above.
 //! 2. **Dispatch** ([`KeyScheduler`]) decides which messages may run now: one at a time per key
 //!    (or per partition), in offset order, up to `max_in_flight` at once.
-//! 3. **Invoke** runs the handler in the sandbox ([`crate::runtime`]). A failure goes to the
-//!    binding's [`RetryPolicy`]: wait and run again while the key stays occupied, or dead-letter.
+//! 3. **Invoke** runs the handler in the sandbox ([`crate::runtime`]), on the version in the
+//!    binding's [`HandlerSlot`] when the message is dispatched (a version activated meanwhile
+//!    is swapped in there, without restarting anything). A failure goes to the binding's
+//!    [`RetryPolicy`]: wait and run again while the key stays occupied, or dead-letter.
 //! 4. **Group commit** writes many messages' effects and processed keys in one PostgreSQL
 //!    transaction (or the DLQ entry), each message all-or-nothing; then the message's dispatch
 //!    ticket is finished and its offset completed.
 //! 5. **Offsets** stores, per partition, the highest contiguous completed offset
 //!    ([`OffsetTracker::committable`]).
+//!
+//! DLQ entries queued for replay enter at stage 2: the worker claims them from the store and
+//! pushes each into the lane of its key on its original partition, so a replay is ordered,
+//! retried and committed like any message, except that it has no offset to store.
 //!
 //! This module holds the pipeline's pure core — [`offsets`], [`dispatch`] and [`retry`]:
 //! synchronous data structures, each owned by one task, with no locks, no I/O and no clock.
@@ -25,6 +31,7 @@
 
 pub mod binding;
 pub mod dispatch;
+pub mod handler;
 pub mod intake;
 pub mod offsets;
 pub mod retry;
@@ -32,6 +39,7 @@ pub mod worker;
 
 pub use binding::{BindingError, BindingSpec};
 pub use dispatch::{KeyScheduler, Ordering, Ticket};
+pub use handler::{ActiveHandler, HandlerSlot};
 pub use intake::PauseSwitch;
 pub use offsets::{OffsetError, OffsetTracker, PartitionOffsets};
 pub use retry::{Decision, FailureKind, JitterRng, RetryPolicy, RetryPolicyError};

@@ -68,7 +68,7 @@ pub enum Decision {
 /// constants); [`Self::validate`] before use.
 ///
 /// Serialized as `{ "max_attempts": 4, "backoff_ms": [1000, 2000, 5000], "jitter": 0.2 }`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryPolicy {
     /// Attempts in all, the first included; 1 means no retries.
@@ -76,6 +76,7 @@ pub struct RetryPolicy {
     /// Wait before attempt 2, 3, …; attempts beyond the list wait as long as its last entry.
     /// Serialized as `backoff_ms`, in whole milliseconds.
     #[serde(rename = "backoff_ms", with = "millis")]
+    #[schema(value_type = Vec<u64>)]
     pub backoff: Vec<Duration>,
     /// Each wait is drawn uniformly from `[d·(1 − jitter), d·(1 + jitter)]`; in `[0, 1)`.
     pub jitter: f64,

@@ -4,8 +4,9 @@
 //! Owns the binding's consumer (polled on a dedicated OS thread by [`super::intake`], so
 //! librdkafka's rebalance callbacks may block for the drain without blocking the async
 //! executor), the coordinator task that drives the pure core ([`KeyScheduler`],
-//! [`PartitionOffsets`], [`RetryPolicy`]), the invocation tasks, and the group commit. Knows nothing of SQL (it talks to [`Store`]) nor of how
-//! components are loaded (it is given a [`HandlerPool`]).
+//! [`PartitionOffsets`], [`RetryPolicy`](super::RetryPolicy)), the invocation tasks, and the
+//! group commit. Knows nothing of SQL (it talks to [`Store`]) nor of how components are loaded
+//! (it is given a [`HandlerSlot`] of compiled [`HandlerPool`](crate::runtime::HandlerPool)s).
 //!
 //! Order of events for one message: received → offset tracked → queued → dispatched when its
 //! key is free → invoked (retried after backoff while its key stays occupied) → its completion
@@ -23,10 +24,30 @@
 //! partitions (see [`super::intake`]) until there is room again: the consumer stays in its group
 //! however long the outage lasts.
 //!
-//! Not yet here (tracked in the control-plane and resilience issues): hot swap of the handler
-//! version without restarting the worker; per-tenant rate limits; breakers; metrics.
+//! Hot swap (SEMANTICS §4): the worker runs whatever version is in its [`HandlerSlot`]. Each
+//! invocation takes the slot's version when it is dispatched (one atomic load while nothing
+//! changed) and keeps it to its end, so swapping a version in affects the next message, and
+//! only that: the consumer, its assignment, queued messages and retries carry on (a retry is a
+//! new invocation, on the version active then). A DLQ entry records the version that failed.
+//!
+//! DLQ replay (SEMANTICS §3): every [`REPLAY_CLAIM_EVERY`] the worker claims, with a lease of
+//! [`REPLAY_LEASE`], up to [`REPLAY_CLAIM_BATCH`] entries queued for replay to its binding
+//! ([`Store::dlq_claim_replays`]) and runs each as a message: the original topic, partition,
+//! offset, key, payload, headers and message id, attempt 1, in the lane of its key on its
+//! original partition (behind that key's queued live messages), retried per the policy. Its
+//! completion carries the entry's id, so the group commit that commits its effects — or finds
+//! them already committed, its processed key absorbing a replay that runs twice — marks the
+//! entry replayed; on its final failure it is dead-lettered again, which files the same entry
+//! as pending. Its offset is neither tracked nor stored: it is not a record of the assignment.
+//! Only replays of partitions the worker holds run here; one of another partition, or one
+//! dropped because its partition was revoked before it ran, is left to its lease, after which
+//! it can be claimed again (by the worker holding the partition, with luck: the claim does not
+//! filter by partition). A failed claim is a fault of the host: logged, tried at the next tick.
+//!
+//! Not yet here (tracked in the control-plane and resilience issues): per-tenant rate limits;
+//! breakers; metrics.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
 use std::time::{Duration, Instant};
@@ -39,15 +60,18 @@ use tokio::sync::mpsc;
 
 use super::binding::BindingSpec;
 use super::dispatch::{KeyScheduler, Ticket};
+use super::handler::{HandlerReader, HandlerSlot};
 use super::intake::{Batch, Control, IntakeContext, PauseSwitch, intake_loop};
 use super::offsets::PartitionOffsets;
 use super::retry::{Decision, FailureKind, JitterRng};
 use crate::config::PipelineConfig;
 use crate::runtime::{
-    ContentHash, ErrorKind, HandlerPool, Header, InvocationContext, Message, Outcome, OutputTopics,
-    StateSource, TrapKind,
+    ContentHash, ErrorKind, Header, InvocationContext, Message, Outcome, OutputTopics, StateSource,
+    TrapKind,
 };
-use crate::store::{Completion, DlqEntryInsert, DlqErrorKind, OutboxInsert, Store, StoreError};
+use crate::store::{
+    Completion, DlqEntry, DlqEntryInsert, DlqErrorKind, OutboxInsert, Store, StoreError,
+};
 
 /// Consumer session timeout when the caller sets none: librdkafka's default, 45 s, longer than
 /// the default drain deadline (20 s).
@@ -58,6 +82,22 @@ const INTAKE_BATCHES: usize = 4;
 
 /// Wait before running a message again after a fault of the host (not the handler): 1 s.
 const HOST_FAULT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// How often the worker looks for DLQ entries queued for replay to its binding: 1 s, so a
+/// replay starts about a second after it was asked for.
+pub const REPLAY_CLAIM_EVERY: Duration = Duration::from_secs(1);
+
+/// DLQ entries claimed at once, at most (fewer when the worker has less room).
+pub const REPLAY_CLAIM_BATCH: u32 = 64;
+
+/// How long a claimed replay is this worker's: 60 s, far longer than a message takes with its
+/// retries (1 s + 2 s + 5 s by default). A replay the worker could not finish (it crashed, lost
+/// the partition, or the entry's partition is not assigned to it) is claimable again after it.
+pub const REPLAY_LEASE: Duration = Duration::from_secs(60);
+
+/// The topic index given to replays of a topic the binding no longer reads: a lane of their
+/// own, never revoked.
+const FORMER_TOPIC: u16 = u16::MAX;
 
 /// How a worker runs.
 #[derive(Debug, Clone)]
@@ -111,6 +151,13 @@ pub struct WorkerStats {
     pub store_unavailable: AtomicBool,
     /// Partition assignments received (one per rebalance this worker took part in).
     pub assignments: AtomicU64,
+    /// DLQ entries claimed for replay.
+    pub replays_claimed: AtomicU64,
+    /// Replays whose group commit marked their DLQ entry replayed (their effects committed, or
+    /// found already committed).
+    pub replayed: AtomicU64,
+    /// Handler versions swapped in while running (hot swaps seen by dispatch).
+    pub handler_swaps: AtomicU64,
 }
 
 /// Why a worker stopped.
@@ -134,10 +181,10 @@ pub struct Worker {
     pub binding_id: String,
     /// The binding's policy.
     pub spec: BindingSpec,
-    /// The handler's active version, pooled.
-    pub handler: Arc<HandlerPool>,
-    /// The active version's number, recorded in DLQ entries.
-    pub handler_version: Option<i32>,
+    /// The handler's active version, pooled, and its number (recorded in DLQ entries). Swapped
+    /// from outside while the worker runs: every invocation dispatched afterwards runs the new
+    /// version (hot swap, see [`HandlerSlot`]).
+    pub handler: HandlerSlot,
     /// Where effects, state and the DLQ live.
     pub store: Arc<dyn Store>,
     /// librdkafka settings (bootstrap servers and overrides); the worker adds its own.
@@ -153,24 +200,35 @@ pub struct Worker {
 /// Topic index and partition: the unit of ordering and offsets.
 type Part = (u16, i32);
 
-/// A message in the coordinator's hands.
+/// A message in the coordinator's hands: a Kafka record of the assignment, or a replay.
 struct Pending {
     message: Arc<Message>,
     part: Part,
     offset: i64,
     first_failure: Option<chrono::DateTime<Utc>>,
+    /// The DLQ entry this message replays. A replay's offset is not tracked nor stored: it is
+    /// not a record of the current assignment.
+    replay_of: Option<i64>,
 }
 
-/// What an invocation task reports.
+/// What a task of the coordinator (an invocation, a wait, a store call) reports.
 enum Done {
     /// Handled: commit these effects.
     Success(u64, Completion),
+    /// A group commit finished: the slots and completions it carried, and how it went.
+    Committed {
+        slots: Vec<u64>,
+        completions: Vec<Completion>,
+        result: Result<Vec<crate::store::CommitOutcome>, StoreError>,
+    },
     /// Failed; the retry policy decides.
     Failed {
         slot: u64,
         kind: FailureKind,
         dlq_kind: DlqErrorKind,
         message: String,
+        /// The handler version that failed.
+        version: Option<i32>,
     },
     /// The host failed, not the handler (the state store could not be read, no instance could
     /// be created): run it again later without spending an attempt. Never dead-lettered.
@@ -180,6 +238,8 @@ enum Done {
     Rerun { slot: u64, next_attempt: bool },
     /// Dead-lettered (stored and queued for the DLQ topic).
     DeadLettered(u64),
+    /// DLQ entries claimed for replay (or why none could be).
+    Claimed(Result<Vec<DlqEntry>, StoreError>),
 }
 
 /// Reads keyed state from the store, for one invocation, remembering whether a read failed (a
@@ -295,21 +355,33 @@ impl Worker {
                     Some(batch) => coordinator.on_batch(batch),
                     None => break,
                 },
-                _ = sleep_until(linger), if linger.is_some() => coordinator.flush().await,
+                _ = sleep_until(linger), if linger.is_some() => coordinator.start_commit(),
+                _ = sleep_until(Some(coordinator.next_claim)) => {}
             }
-            if coordinator.batch.len() >= self.settings.commit_batch_max {
-                coordinator.flush().await;
+            // Commit at once when the batch is full, or when no invocation is running that
+            // could still join it (waiting out the linger would only add latency). While a
+            // commit is in flight the next batch gathers; it starts when that one is done.
+            if !coordinator.committing
+                && !coordinator.batch.is_empty()
+                && coordinator.store_backoff.is_zero()
+                && (coordinator.batch.len() >= self.settings.commit_batch_max
+                    || coordinator.running == 0)
+            {
+                coordinator.start_commit();
             }
+            // Checked on every turn, not only when its timer wins the select: a busy worker
+            // still claims its replays.
+            coordinator.claim_replays();
             coordinator.dispatch();
             coordinator.check_drain().await;
         }
 
         // Shutdown: let in-flight work finish (bounded), commit, store offsets, then stop intake.
         let deadline = Instant::now() + self.settings.drain_deadline;
-        while coordinator.scheduler.in_flight() > 0 && Instant::now() < deadline {
+        while coordinator.scheduler.outstanding() > 0 && Instant::now() < deadline {
             tokio::select! {
                 Some(done) = coordinator.done_rx.recv() => coordinator.on_done(done).await,
-                _ = tokio::time::sleep(self.settings.commit_linger) => coordinator.flush().await,
+                _ = tokio::time::sleep(self.settings.commit_linger) => coordinator.start_commit(),
             }
         }
         coordinator.flush().await;
@@ -353,7 +425,8 @@ struct Coordinator {
     binding_id: String,
     spec: Arc<BindingSpec>,
     topics: Vec<String>,
-    handler: Arc<HandlerPool>,
+    handler: HandlerReader,
+    /// The handler version the last dispatch ran, to count and log swaps.
     handler_version: Option<i32>,
     store: Arc<dyn Store>,
     consumer: Arc<BaseConsumer<IntakeContext>>,
@@ -374,6 +447,19 @@ struct Coordinator {
     store_backoff: Duration,
     /// The intake generation of the current assignment; older batches are dropped.
     generation: u64,
+    /// Invocations started whose outcome has not arrived yet.
+    running: usize,
+    /// Whether a group commit is in flight (at most one at a time).
+    committing: bool,
+    /// DLQ entries claimed for replay and not yet done here (so a claim that returns one again,
+    /// after its lease ran out while it waited, does not queue it twice).
+    replays: HashSet<i64>,
+    /// When to look for replays next.
+    next_claim: Instant,
+    /// A claim is running.
+    claiming: bool,
+    /// The last claim failed (logged once until one succeeds).
+    claim_failing: bool,
 }
 
 impl Coordinator {
@@ -394,8 +480,8 @@ impl Coordinator {
             topics: spec.topics.clone(),
             scheduler: KeyScheduler::new(spec.ordering, spec.max_in_flight()),
             spec,
-            handler: worker.handler.clone(),
-            handler_version: worker.handler_version,
+            handler: worker.handler.reader(),
+            handler_version: worker.handler.current().version,
             store: worker.store.clone(),
             consumer,
             settings: worker.settings.clone(),
@@ -412,6 +498,12 @@ impl Coordinator {
             draining: None,
             store_backoff: Duration::ZERO,
             generation: 0,
+            running: 0,
+            committing: false,
+            replays: HashSet::new(),
+            next_claim: Instant::now() + REPLAY_CLAIM_EVERY,
+            claiming: false,
+            claim_failing: false,
         }
     }
 
@@ -420,6 +512,9 @@ impl Coordinator {
     }
 
     fn commit_deadline(&self) -> Option<Instant> {
+        if self.committing {
+            return None;
+        }
         self.batch_started
             .map(|started| started + self.settings.commit_linger + self.store_backoff)
     }
@@ -450,6 +545,7 @@ impl Coordinator {
                 part,
                 offset,
                 first_failure: None,
+                replay_of: None,
             };
             self.scheduler.push(part, key.as_deref(), pending);
         }
@@ -471,7 +567,16 @@ impl Coordinator {
                 for (topic, partition) in &parts {
                     let part = (self.topic_index(topic), *partition);
                     let dropped = self.scheduler.revoke(part);
-                    tracing::debug!(binding = %self.binding_id, topic, partition, dropped = dropped.len(), "partition revoked");
+                    // Queued replays of the partition are let go: their lease runs out and a
+                    // worker holding the partition claims them again.
+                    let replays = dropped
+                        .iter()
+                        .filter_map(|pending| pending.replay_of)
+                        .inspect(|id| {
+                            self.replays.remove(id);
+                        })
+                        .count();
+                    tracing::debug!(binding = %self.binding_id, topic, partition, dropped = dropped.len(), replays, "partition revoked");
                 }
                 self.flush().await;
                 let parts = parts
@@ -484,12 +589,122 @@ impl Coordinator {
         }
     }
 
+    /// Every [`REPLAY_CLAIM_EVERY`], claim the DLQ entries queued for replay to this binding
+    /// (at most [`REPLAY_CLAIM_BATCH`], and no more than there is room for), off the
+    /// coordinator: the answer comes back as [`Done::Claimed`]. Not while a revocation drains,
+    /// nor before the worker holds a partition.
+    fn claim_replays(&mut self) {
+        let now = Instant::now();
+        if now < self.next_claim {
+            return;
+        }
+        self.next_claim = now + REPLAY_CLAIM_EVERY;
+        // An idle worker lets go of a replaced handler version here, not at its next message.
+        let _ = self.handler.get();
+        let room = self
+            .settings
+            .max_pending
+            .saturating_sub(self.scheduler.len());
+        if self.claiming
+            || self.draining.is_some()
+            || room == 0
+            || self.offsets.partitions().next().is_none()
+        {
+            return;
+        }
+        self.claiming = true;
+        let limit = REPLAY_CLAIM_BATCH.min(u32::try_from(room).unwrap_or(u32::MAX));
+        let store = self.store.clone();
+        let binding = self.binding_id.clone();
+        let done = self.done_tx.clone();
+        tokio::spawn(async move {
+            let claimed = store.dlq_claim_replays(&binding, limit, REPLAY_LEASE).await;
+            let _ = done.send(Done::Claimed(claimed));
+        });
+    }
+
+    /// Queue claimed replays: each in the lane of its key on its original partition, behind
+    /// the live messages of that key already queued, so it is ordered with them like any other
+    /// message. A replay whose partition this worker does not hold is left to its lease (the
+    /// worker holding it claims it once the lease runs out), as is one the worker holds
+    /// already. A failed claim is the host's fault: logged, tried again at the next tick.
+    fn on_claimed(&mut self, claimed: Result<Vec<DlqEntry>, StoreError>) {
+        self.claiming = false;
+        let entries = match claimed {
+            Ok(entries) => {
+                self.claim_failing = false;
+                entries
+            }
+            Err(e) => {
+                if !self.claim_failing {
+                    tracing::warn!(binding = %self.binding_id, error = %e, "cannot claim DLQ replays; will retry");
+                }
+                tracing::debug!(binding = %self.binding_id, error = %e, "cannot claim DLQ replays");
+                self.claim_failing = true;
+                return;
+            }
+        };
+        if !entries.is_empty() {
+            tracing::info!(binding = %self.binding_id, entries = entries.len(), "DLQ entries claimed for replay");
+        }
+        for entry in entries {
+            self.stats
+                .replays_claimed
+                .fetch_add(1, AtomicOrdering::Relaxed);
+            let Some(part) = self.replay_part(&entry.entry.topic, entry.entry.partition) else {
+                tracing::info!(binding = %self.binding_id, entry = entry.id, topic = %entry.entry.topic, partition = entry.entry.partition, lease = ?REPLAY_LEASE, "replay of a partition not assigned here; left for the worker holding it");
+                continue;
+            };
+            if !self.replays.insert(entry.id) {
+                continue;
+            }
+            let DlqEntry { id, entry, .. } = entry;
+            tracing::debug!(binding = %self.binding_id, entry = id, message_id = %entry.message_id, "replaying a DLQ entry");
+            let message = Message {
+                id: entry.message_id,
+                topic: entry.topic,
+                partition: entry.partition.max(0) as u32,
+                offset: entry.offset.max(0) as u64,
+                key: entry.key,
+                payload: entry.payload,
+                headers: entry.headers,
+                timestamp_ms: entry.timestamp_ms,
+                tenant: self.spec.tenant.clone(),
+                attempt: 1,
+            };
+            let key = message.key.clone();
+            let pending = Pending {
+                message: Arc::new(message),
+                part,
+                offset: entry.offset,
+                first_failure: None,
+                replay_of: Some(id),
+            };
+            self.scheduler.push(part, key.as_deref(), pending);
+        }
+    }
+
+    /// The lane partition of a replay of `topic`/`partition`: the partition itself when this
+    /// worker holds it (and is not giving it up), none when it does not; a topic the binding no
+    /// longer reads has lanes of its own.
+    fn replay_part(&self, topic: &str, partition: i32) -> Option<Part> {
+        let Some(index) = self.topics.iter().position(|t| t == topic) else {
+            return Some((FORMER_TOPIC, partition));
+        };
+        let part = (index as u16, partition);
+        let revoking = self
+            .draining
+            .as_ref()
+            .is_some_and(|(_, _, parts)| parts.contains(&part));
+        (self.offsets.get(part).is_some() && !revoking).then_some(part)
+    }
+
     /// Finish a revocation once nothing is in flight (or the deadline passed).
     async fn check_drain(&mut self) {
         let Some((_, deadline, _)) = &self.draining else {
             return;
         };
-        if self.scheduler.in_flight() > 0 && Instant::now() < *deadline {
+        if self.scheduler.outstanding() > 0 && Instant::now() < *deadline {
             return;
         }
         self.flush().await;
@@ -509,14 +724,29 @@ impl Coordinator {
         while let Some(ticket) = self.scheduler.next_ready() {
             let slot = self.next_slot;
             self.next_slot += 1;
-            let message = ticket.message().message.clone();
             self.tickets.insert(slot, ticket);
-            self.spawn_invocation(slot, message);
+            self.spawn_invocation(slot);
         }
     }
 
-    fn spawn_invocation(&self, slot: u64, message: Arc<Message>) {
-        let handler = self.handler.clone();
+    /// Run the message of `slot` on the handler version active now; the invocation keeps that
+    /// version to its end, whatever is swapped in meanwhile.
+    fn spawn_invocation(&mut self, slot: u64) {
+        let Some(ticket) = self.tickets.get(&slot) else {
+            return;
+        };
+        let message = ticket.message().message.clone();
+        let replay_of = ticket.message().replay_of;
+        self.running += 1;
+        let active = self.handler.get().clone();
+        if active.version != self.handler_version {
+            self.stats
+                .handler_swaps
+                .fetch_add(1, AtomicOrdering::Relaxed);
+            tracing::info!(binding = %self.binding_id, from = ?self.handler_version, to = ?active.version, "handler version swapped in; the consumer keeps running");
+            self.handler_version = active.version;
+        }
+        let (handler, version) = (active.pool, active.version);
         let state = Arc::new(StoreState {
             store: self.store.clone(),
             tenant: self.spec.tenant.clone(),
@@ -574,6 +804,7 @@ impl Coordinator {
                                 key: message.key.clone(),
                                 state_writes: invocation.effects.state_writes,
                                 emits,
+                                replay_of,
                             },
                         )
                     }
@@ -585,12 +816,14 @@ impl Coordinator {
                             ErrorKind::Permanent => DlqErrorKind::Permanent,
                         },
                         message,
+                        version,
                     },
                     Outcome::Refused { message } => Done::Failed {
                         slot,
                         kind: FailureKind::Permanent,
                         dlq_kind: DlqErrorKind::Permanent,
                         message,
+                        version,
                     },
                     Outcome::Trap { kind, message } => Done::Failed {
                         slot,
@@ -601,6 +834,7 @@ impl Coordinator {
                             DlqErrorKind::Trap
                         },
                         message,
+                        version,
                     },
                 },
             };
@@ -609,25 +843,39 @@ impl Coordinator {
     }
 
     async fn on_done(&mut self, done: Done) {
+        if matches!(
+            done,
+            Done::Success(..) | Done::Failed { .. } | Done::HostFault { .. }
+        ) {
+            self.running = self.running.saturating_sub(1);
+        }
         match done {
             Done::Success(slot, completion) => {
+                // Its work is done: free the in-flight slot for other keys; the key itself
+                // stays occupied until the commit.
+                if let Some(ticket) = self.tickets.get_mut(&slot) {
+                    self.scheduler.release_slot(ticket);
+                }
                 if self.batch.is_empty() {
                     self.batch_started = Some(Instant::now());
                 }
                 self.batch.push((slot, completion));
             }
+            Done::Committed {
+                slots,
+                completions,
+                result,
+            } => self.on_committed(slots, completions, result),
             Done::Rerun { slot, next_attempt } => {
-                if let Some(ticket) = self.tickets.get_mut(&slot) {
+                if next_attempt && let Some(ticket) = self.tickets.get_mut(&slot) {
                     let pending = ticket.message_mut();
-                    if next_attempt {
-                        let mut message = (*pending.message).clone();
-                        message.attempt += 1;
-                        pending.message = Arc::new(message);
-                    }
-                    let message = pending.message.clone();
-                    self.spawn_invocation(slot, message);
+                    let mut message = (*pending.message).clone();
+                    message.attempt += 1;
+                    pending.message = Arc::new(message);
                 }
+                self.spawn_invocation(slot);
             }
+            Done::Claimed(claimed) => self.on_claimed(claimed),
             Done::HostFault { slot, error } => {
                 self.stats
                     .store_unavailable
@@ -653,6 +901,7 @@ impl Coordinator {
                 kind,
                 dlq_kind,
                 message: error,
+                version,
             } => {
                 let Some(ticket) = self.tickets.get_mut(&slot) else {
                     return;
@@ -661,8 +910,12 @@ impl Coordinator {
                 let now = Utc::now();
                 let first = *pending.first_failure.get_or_insert(now);
                 let attempt = pending.message.attempt;
-                let (failed, part, offset) =
-                    (pending.message.clone(), pending.part, pending.offset);
+                let (failed, part, offset, replay_of) = (
+                    pending.message.clone(),
+                    pending.part,
+                    pending.offset,
+                    pending.replay_of,
+                );
                 match self.spec.retry.decide(attempt, kind, &mut self.jitter) {
                     Decision::RetryAfter(delay) => {
                         self.stats.retried.fetch_add(1, AtomicOrdering::Relaxed);
@@ -677,9 +930,9 @@ impl Coordinator {
                         });
                     }
                     Decision::DeadLetter => {
-                        let entry =
-                            self.dlq_entry(&failed, part, offset, dlq_kind, error, first, now);
-                        let outbox = self.dlq_record(&entry);
+                        let entry = self
+                            .dlq_entry(&failed, part, offset, version, dlq_kind, error, first, now);
+                        let outbox = self.dlq_record(&entry, replay_of.is_some());
                         let store = self.store.clone();
                         let done = self.done_tx.clone();
                         let tenant = self.spec.tenant.clone();
@@ -723,6 +976,7 @@ impl Coordinator {
         message: &Message,
         part: Part,
         offset: i64,
+        handler_version: Option<i32>,
         error_kind: DlqErrorKind,
         error_message: String,
         first_failure_at: chrono::DateTime<Utc>,
@@ -732,7 +986,7 @@ impl Coordinator {
             tenant: self.spec.tenant.clone(),
             binding_id: self.binding_id.clone(),
             handler: self.spec.handler.clone(),
-            handler_version: self.handler_version,
+            handler_version,
             topic: message.topic.clone(),
             partition: part.1,
             offset,
@@ -750,8 +1004,10 @@ impl Coordinator {
     }
 
     /// The record published to the DLQ topic: the original key, payload and headers, plus
-    /// `weir-dlq-*` headers describing the failure.
-    fn dlq_record(&self, entry: &DlqEntryInsert) -> OutboxInsert {
+    /// `weir-dlq-*` headers describing the failure. Its id is stable for a message's first
+    /// dead-lettering (a crash that dead-letters it again publishes it once); a failed replay
+    /// is a new failure, published under an id of its own.
+    fn dlq_record(&self, entry: &DlqEntryInsert, replay: bool) -> OutboxInsert {
         let mut headers = entry.headers.clone();
         let kind = match entry.error_kind {
             DlqErrorKind::Retryable => "retryable",
@@ -786,7 +1042,13 @@ impl Coordinator {
             });
         }
         OutboxInsert {
-            message_id: emitted_id(&entry.binding_id, &format!("dlq:{}", entry.message_id), 0),
+            message_id: if replay {
+                let failed_at = entry.last_failure_at.timestamp_micros();
+                let cause = format!("dlq:{}:replay:{failed_at}", entry.message_id);
+                emitted_id(&entry.binding_id, &cause, 0)
+            } else {
+                emitted_id(&entry.binding_id, &format!("dlq:{}", entry.message_id), 0)
+            },
             topic: self.spec.dlq_topic(),
             key: entry.key.clone(),
             payload: entry.payload.clone(),
@@ -796,30 +1058,81 @@ impl Coordinator {
         }
     }
 
-    /// Commit the batch; on success free the keys and complete the offsets.
-    async fn flush(&mut self) {
-        if self.batch.is_empty() {
+    /// Start committing the batch in the background, unless a commit is in flight or the batch
+    /// is empty. Its outcome comes back as [`Done::Committed`].
+    fn start_commit(&mut self) {
+        if self.committing || self.batch.is_empty() {
             return;
         }
-        let completions: Vec<Completion> = self.batch.iter().map(|(_, c)| c.clone()).collect();
-        match self.store.commit(&completions).await {
+        let (slots, completions): (Vec<u64>, Vec<Completion>) = self.batch.drain(..).unzip();
+        self.batch_started = None;
+        self.committing = true;
+        let store = self.store.clone();
+        let done = self.done_tx.clone();
+        tokio::spawn(async move {
+            let result = store.commit(&completions).await;
+            let _ = done.send(Done::Committed {
+                slots,
+                completions,
+                result,
+            });
+        });
+    }
+
+    /// Wait for the commit in flight, then commit what is left (at most two more attempts):
+    /// for a drain or shutdown, which must not return with committed work unacknowledged.
+    async fn flush(&mut self) {
+        let mut attempts = 0;
+        loop {
+            if !self.committing {
+                if self.batch.is_empty() || attempts >= 2 {
+                    return;
+                }
+                attempts += 1;
+                self.start_commit();
+            }
+            match self.done_rx.recv().await {
+                Some(done) => self.on_done(done).await,
+                None => return,
+            }
+        }
+    }
+
+    /// A group commit finished: on success free the keys and complete the offsets (and start the
+    /// next commit if a batch gathered meanwhile); on failure put the batch back, ahead of what
+    /// gathered meanwhile, and back off.
+    fn on_committed(
+        &mut self,
+        slots: Vec<u64>,
+        completions: Vec<Completion>,
+        result: Result<Vec<crate::store::CommitOutcome>, StoreError>,
+    ) {
+        self.committing = false;
+        match result {
             Ok(outcomes) => {
                 self.stats.commits.fetch_add(1, AtomicOrdering::Relaxed);
                 self.stats
                     .store_unavailable
                     .store(false, AtomicOrdering::Relaxed);
                 self.store_backoff = Duration::ZERO;
-                for outcome in &outcomes {
-                    match outcome {
-                        crate::store::CommitOutcome::Committed => &self.stats.committed,
-                        crate::store::CommitOutcome::Duplicate => &self.stats.duplicates,
-                    }
-                    .fetch_add(1, AtomicOrdering::Relaxed);
-                }
-                let slots: Vec<u64> = self.batch.drain(..).map(|(slot, _)| slot).collect();
-                self.batch_started = None;
-                for slot in slots {
-                    self.release(slot);
+                let replayed = completions.iter().filter(|c| c.replay_of.is_some()).count();
+                self.stats
+                    .replayed
+                    .fetch_add(replayed as u64, AtomicOrdering::Relaxed);
+                let duplicates = outcomes
+                    .iter()
+                    .filter(|o| **o == crate::store::CommitOutcome::Duplicate)
+                    .count();
+                self.stats
+                    .duplicates
+                    .fetch_add(duplicates as u64, AtomicOrdering::Relaxed);
+                self.stats.committed.fetch_add(
+                    (outcomes.len() - duplicates) as u64,
+                    AtomicOrdering::Relaxed,
+                );
+                self.release_all(&slots);
+                if !self.batch.is_empty() {
+                    self.start_commit();
                 }
             }
             Err(e) => {
@@ -829,20 +1142,36 @@ impl Coordinator {
                     .store(true, AtomicOrdering::Relaxed);
                 self.store_backoff = (self.store_backoff * 2)
                     .clamp(Duration::from_millis(100), Duration::from_secs(5));
+                let mut restored: Vec<(u64, Completion)> =
+                    slots.into_iter().zip(completions).collect();
+                restored.append(&mut self.batch);
+                self.batch = restored;
                 self.batch_started = Some(Instant::now());
                 tracing::warn!(binding = %self.binding_id, error = %e, backoff = ?self.store_backoff, "group commit failed; will retry");
             }
         }
     }
 
-    /// A message is done: free its key, complete its offset, store the new watermark.
+    /// A message is done (dead-lettered): free its key, complete its offset.
     fn release(&mut self, slot: u64) {
-        let Some(ticket) = self.tickets.remove(&slot) else {
-            return;
-        };
-        let pending = self.scheduler.finish(ticket);
-        if self.offsets.complete(pending.part, pending.offset).is_err() {
-            return; // the partition was revoked meanwhile
+        self.release_all(&[slot]);
+    }
+
+    /// Messages are done: free their keys, complete their offsets, store the new watermarks
+    /// (one call for all of them).
+    fn release_all(&mut self, slots: &[u64]) {
+        for slot in slots {
+            let Some(ticket) = self.tickets.remove(slot) else {
+                continue;
+            };
+            let pending = self.scheduler.finish(ticket);
+            if let Some(entry) = pending.replay_of {
+                // Not a record of the assignment: no offset to complete.
+                self.replays.remove(&entry);
+                continue;
+            }
+            // An error means the partition was revoked meanwhile: nothing to store.
+            let _ = self.offsets.complete(pending.part, pending.offset);
         }
         let mut list = TopicPartitionList::new();
         for ((topic, partition), next) in self.offsets.take_committable() {

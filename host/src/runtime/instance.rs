@@ -4,6 +4,7 @@
 //! returned `ok` and the host refused nothing; an instance that trapped is never entered again.
 //! Knows nothing of where messages come from or where effects go.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
@@ -223,10 +224,13 @@ fn classify_trap(error: &wasmtime::Error) -> TrapKind {
 /// With [`InstancePolicy::Reuse`] an instance goes back to the pool after an invocation that
 /// did not trap, until it has served `max_invocations_per_instance`; with
 /// [`InstancePolicy::Fresh`] every invocation gets a new instance. Idle instances are bounded.
+/// A pool whose version was replaced is [retired](Self::retire): it keeps no idle instances,
+/// so the instance slots it held go to the version that replaced it.
 pub struct HandlerPool {
     component: HandlerComponent,
     idle: Mutex<Vec<HandlerInstance>>,
     max_idle: usize,
+    retired: AtomicBool,
 }
 
 impl HandlerPool {
@@ -236,7 +240,19 @@ impl HandlerPool {
             component,
             idle: Mutex::new(Vec::new()),
             max_idle,
+            retired: AtomicBool::new(false),
         }
+    }
+
+    /// Keep no idle instances any more: drop those held now, and let each running
+    /// invocation's instance go when it ends. For a version that was swapped out: invocations
+    /// still running on it finish, while its instance slots (bounded across all handlers by the
+    /// pooling allocator) are freed for the version that replaced it.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+        // The flag is checked under this lock, so no instance is put back after this.
+        let idle = std::mem::take(&mut *self.idle.lock().unwrap_or_else(PoisonError::into_inner));
+        drop(idle);
     }
 
     /// The component the pool runs.
@@ -266,7 +282,7 @@ impl HandlerPool {
             && instance.invocations() < config.max_invocations_per_instance
         {
             let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-            if idle.len() < self.max_idle {
+            if idle.len() < self.max_idle && !self.retired.load(Ordering::Relaxed) {
                 idle.push(instance);
             }
         }

@@ -1,6 +1,6 @@
 //! The engine-independent half of group commit: checking a batch, finding the duplicates
-//! within it, and turning the new completions' effects into the rows a constant number of
-//! multi-row statements write.
+//! within it, and turning the new completions' effects (and the DLQ entries the batch replays)
+//! into the rows a constant number of multi-row statements write.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
@@ -32,6 +32,18 @@ pub(crate) fn processed_keys(batch: &[Completion]) -> Vec<ProcessedKey<'_>> {
     batch
         .iter()
         .map(|c| (c.binding_id.as_str(), c.message_id.as_str()))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
+/// The DLQ entries the batch replays, as `(entry id, binding_id)`, distinct and sorted: the
+/// commit marks them replayed whether each completion commits or is a duplicate (the message's
+/// effects are in the store either way).
+pub(crate) fn replays(batch: &[Completion]) -> Vec<(i64, &str)> {
+    batch
+        .iter()
+        .filter_map(|c| c.replay_of.map(|id| (id, c.binding_id.as_str())))
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect()
@@ -193,6 +205,7 @@ mod tests {
                     traceparent: None,
                 })
                 .collect(),
+            replay_of: None,
         }
     }
 
@@ -238,6 +251,21 @@ mod tests {
             .map(|row| row.insert.message_id.as_str())
             .collect();
         assert_eq!(outbox, vec!["e1", "e2"]);
+    }
+
+    #[test]
+    fn replays_are_distinct_and_sorted() {
+        let mut first = completion("m1", &[], &[]);
+        first.replay_of = Some(9);
+        let mut again = completion("m1", &[], &[]);
+        again.replay_of = Some(9);
+        let mut other = completion("m2", &[], &[]);
+        other.replay_of = Some(4);
+        let plain = completion("m3", &[], &[]);
+        assert_eq!(
+            replays(&[first, plain, again, other]),
+            vec![(4, "b"), (9, "b")]
+        );
     }
 
     #[test]

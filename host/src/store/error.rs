@@ -28,6 +28,9 @@ pub enum StoreError {
     /// DLQ entry that is already resolved).
     #[error("conflict: {0}")]
     Conflict(String),
+    /// A tenant's quota would be exceeded (handler count, total component bytes).
+    #[error("quota exceeded: {0}")]
+    QuotaExceeded(String),
     /// The request is malformed (e.g. state writes for a message without a key, a bad URL).
     #[error("invalid {0}")]
     Invalid(String),

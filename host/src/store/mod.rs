@@ -1,11 +1,12 @@
 //! The store: everything Weir keeps in a database.
 //!
 //! Owns the persistence of handlers and their versions (the component bytes), bindings,
-//! processed keys, keyed state, the outbox and DLQ entries — the schema (`migrations/postgres`,
-//! `migrations/sqlite`), the queries, and the one transaction in which a batch of completed
-//! messages commits its effects ([`Store::commit`]). [`Store`] is the boundary; [`PgStore`]
-//! (PostgreSQL, production) and [`SqliteStore`] (a file or memory, the embedded dev mode) are
-//! its two implementations, held to one contract by `tests/tests/store_contract.rs`.
+//! processed keys, keyed state, the outbox, DLQ entries, and the control plane's tenants and
+//! API tokens — the schema (`migrations/postgres`, `migrations/sqlite`), the queries, and the
+//! one transaction in which a batch of completed messages commits its effects
+//! ([`Store::commit`]). [`Store`] is the boundary; [`PgStore`] (PostgreSQL, production) and
+//! [`SqliteStore`] (a file or memory, the embedded dev mode) are its two implementations, held
+//! to one contract by `tests/tests/store_contract.rs`.
 //! [`connect`] picks one by URL scheme and applies the migrations.
 //!
 //! Architecture invariant: the store knows nothing of Kafka or wasmtime. It stores message ids,
@@ -15,13 +16,14 @@
 //! Choices a caller can rely on:
 //! * **Group commit.** [`Store::commit`] runs a constant number of statements per batch in one
 //!   transaction: one multi-row insert of processed keys (`ON CONFLICT DO NOTHING RETURNING`),
-//!   at most one keyed-state upsert, one keyed-state delete and one outbox insert, and on
-//!   PostgreSQL a `NOTIFY weir_outbox` (arrays through `UNNEST`, so any batch size; SQLite
-//!   splits the multi-row `VALUES` lists at its bound-parameter limit, one statement per
-//!   few thousand rows). A completion whose processed key already existed, or
-//!   that repeats an earlier completion of the same batch, is a [`CommitOutcome::Duplicate`]
-//!   and none of its effects are written. State writes apply in batch order, then call order.
-//!   A completion with state writes but no message key is refused ([`StoreError::Invalid`])
+//!   at most one keyed-state upsert, one keyed-state delete, one outbox insert and one update
+//!   of the DLQ entries the batch replays, and on PostgreSQL a `NOTIFY weir_outbox` (arrays
+//!   through `UNNEST`, so any batch size; SQLite splits the multi-row `VALUES` lists at its
+//!   bound-parameter limit, one statement per few thousand rows). A completion whose processed
+//!   key already existed, or that repeats an earlier completion of the same batch, is a
+//!   [`CommitOutcome::Duplicate`] and none of its effects are written (the DLQ entry it
+//!   replays is marked all the same, see below). State writes apply in batch order, then call
+//!   order. A completion with state writes but no message key is refused ([`StoreError::Invalid`])
 //!   and nothing of the batch is written. Outbox message ids are unique: an emit whose id is
 //!   already in the outbox is not inserted again.
 //! * **Outbox claims use a lease.** [`Store::outbox_claim`] marks the rows it returns as
@@ -46,18 +48,46 @@
 //!   is the same binding to deduplication).
 //! * **Handler versions are immutable.** Uploading bytes already stored for the handler returns
 //!   the existing version; otherwise the version is one more than the handler's highest.
-//! * **DLQ entries are idempotent while pending.** Dead-lettering a message (same binding and
-//!   message id) that already has a pending entry updates that entry's failure (kind, message,
-//!   attempts, last failure) and returns its id, so a crash between the DLQ insert and the
-//!   offset commit does not file the message twice.
+//!   Deleting a handler deletes all its versions (not its keyed state or DLQ entries) and is a
+//!   [`StoreError::Conflict`] while a binding of its tenant runs it.
+//! * **Quotas are checked in the upload's transaction.** [`Store::put_handler_version`] counts
+//!   the tenant's handlers and component bytes in the transaction that inserts the version,
+//!   serialized with the tenant's other uploads and deletions (an advisory lock per tenant on
+//!   PostgreSQL, the write lock on SQLite), so concurrent uploads cannot together pass a limit.
+//!   A refused upload is [`StoreError::QuotaExceeded`] and stores nothing (not even a new
+//!   handler). Re-uploading bytes already stored returns the existing version without counting
+//!   them again, even at the limit. A limit reached exactly is not passed. The caller passes
+//!   the quota (tenant's own or the platform default); the store does not look it up.
+//! * **Tenants are optional rows.** Handlers and bindings carry a tenant name but do not
+//!   reference `tenants` (those deployed by `weir handler deploy` have no tenant row). Deleting
+//!   a tenant is a [`StoreError::Conflict`] while it has handlers or bindings, and deletes its
+//!   tokens.
+//! * **Tokens are found by hash only.** The store keeps a token's SHA-256 (lower-case hex, one
+//!   token per hash), never its secret, and [`Store::token_by_hash`] is the only lookup for
+//!   authentication; it returns revoked and expired tokens too, and the caller decides with
+//!   [`TokenRecord::is_valid_at`]. Revoking is idempotent (the first time is kept) and scoped to
+//!   the tenant: another tenant's token id is [`StoreError::NotFound`].
+//! * **DLQ entries are idempotent while open.** Dead-lettering a message (same binding and
+//!   message id) that already has a pending or replaying entry updates that entry's failure
+//!   (kind, message, attempts, last failure), makes it pending again (no lease) and returns its
+//!   id, so a crash between the DLQ insert and the offset commit does not file the message
+//!   twice, and a replay that fails again lands back on its entry.
+//! * **DLQ replay is a lifecycle.** `pending` → `replaying` ([`Store::dlq_replay`]) →
+//!   `replayed` when the group commit of a completion with [`Completion::replay_of`] (and the
+//!   entry's binding) commits, whether the completion is committed or a duplicate (resolved at
+//!   the commit's time); or back to `pending` when the replay fails and is dead-lettered again.
+//!   Workers take queued replays with [`Store::dlq_claim_replays`], a lease like the outbox's:
+//!   while it runs no other claim returns the entry; when it runs out the entry is claimable
+//!   again. Only pending entries can be queued or resolved ([`Store::dlq_resolve`]); anything
+//!   else is a [`StoreError::Conflict`].
 //! * **Time.** Timestamps are UTC with microsecond precision. Those the store sets itself
 //!   (`created_at`, `processed_at`, leases, …) come from the server's clock on PostgreSQL
 //!   (`timestamptz`, `now()`) and from the host's clock on SQLite (integer microseconds since
 //!   the Unix epoch).
 //! * **Trust.** The store checks what keeps its data consistent (unique ids, tenant ownership of
-//!   binding ids, pending-only DLQ resolution) but not authorization: a [`Completion`]'s tenant
-//!   and handler are taken as given, and callers scope reads by tenant where the signature asks
-//!   for one.
+//!   binding ids, pending-only DLQ resolution and replay, the quotas it is given) but not
+//!   authorization: a [`Completion`]'s tenant and handler are taken as given, and callers scope
+//!   reads by tenant where the signature asks for one.
 //! * **Unavailability.** Connection failures, pool time-outs, a closed store, server shutdown,
 //!   serialization failures and deadlocks, and a busy or unopenable SQLite file are
 //!   [`StoreError::is_unavailable`]: retry later, never dead-letter. A pooled connection the
@@ -80,8 +110,8 @@ pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 pub use types::{
     BindingRecord, CommitOutcome, Completion, DlqEntry, DlqEntryInsert, DlqErrorKind, DlqFilter,
-    DlqState, HandlerVersion, MAX_DLQ_PAGE, MAX_OUTBOX_CLAIM, OutboxInsert, OutboxRecord,
-    OutboxState, Resolution,
+    DlqState, HandlerSummary, HandlerVersion, MAX_DLQ_PAGE, MAX_OUTBOX_CLAIM, NewTenant, NewToken,
+    OutboxInsert, OutboxRecord, OutboxState, Quota, Resolution, Tenant, TenantUsage, TokenRecord,
 };
 
 /// The NOTIFY channel that announces new outbox rows.
@@ -101,13 +131,26 @@ pub trait Store: Send + Sync {
     // ---- handlers ------------------------------------------------------------------------
 
     /// Store `component` as a new version of `tenant`'s `handler` (creating the handler), or
-    /// return the existing version if the same bytes were uploaded before.
+    /// return the existing version if the same bytes were uploaded before. With `quota`, the
+    /// tenant's handler count and total component bytes are checked in the same transaction:
+    /// [`StoreError::QuotaExceeded`] and nothing stored if the upload would pass either.
     async fn put_handler_version(
         &self,
         tenant: &str,
         handler: &str,
         component: &[u8],
+        quota: &Quota,
     ) -> Result<HandlerVersion, StoreError>;
+
+    /// `tenant`'s handlers by name, each with its active version and totals.
+    async fn list_handlers(&self, tenant: &str) -> Result<Vec<HandlerSummary>, StoreError>;
+
+    /// Delete `tenant`'s `handler` and all its versions; whether it existed.
+    /// [`StoreError::Conflict`] (and nothing deleted) while a binding runs it.
+    async fn delete_handler(&self, tenant: &str, handler: &str) -> Result<bool, StoreError>;
+
+    /// What `tenant` uses of its quotas.
+    async fn tenant_usage(&self, tenant: &str) -> Result<TenantUsage, StoreError>;
 
     /// One version's metadata.
     async fn handler_version(
@@ -147,6 +190,36 @@ pub trait Store: Send + Sync {
         handler: &str,
     ) -> Result<Vec<HandlerVersion>, StoreError>;
 
+    // ---- tenants and tokens --------------------------------------------------------------
+
+    /// Create a tenant. [`StoreError::Conflict`] if the id is taken.
+    async fn create_tenant(&self, tenant: &NewTenant) -> Result<Tenant, StoreError>;
+
+    /// One tenant.
+    async fn tenant(&self, id: &str) -> Result<Option<Tenant>, StoreError>;
+
+    /// Every tenant, by id.
+    async fn list_tenants(&self) -> Result<Vec<Tenant>, StoreError>;
+
+    /// Delete a tenant and its tokens; whether it existed. [`StoreError::Conflict`] (and nothing
+    /// deleted) while it has handlers or bindings.
+    async fn delete_tenant(&self, id: &str) -> Result<bool, StoreError>;
+
+    /// Record a token (its secret already hashed). [`StoreError::NotFound`] if the tenant does
+    /// not exist, [`StoreError::Conflict`] if the id or hash is taken.
+    async fn create_token(&self, token: &NewToken) -> Result<TokenRecord, StoreError>;
+
+    /// `tenant`'s tokens, revoked and expired ones included, by creation.
+    async fn list_tokens(&self, tenant: &str) -> Result<Vec<TokenRecord>, StoreError>;
+
+    /// Revoke `tenant`'s token `id` (idempotent: revoking twice keeps the first time).
+    /// [`StoreError::NotFound`] if `tenant` has no such token.
+    async fn revoke_token(&self, tenant: &str, id: &str) -> Result<TokenRecord, StoreError>;
+
+    /// The token whose secret hashes to `sha256` (lower-case hex), revoked or not: the caller
+    /// checks [`TokenRecord::is_valid_at`].
+    async fn token_by_hash(&self, sha256: &str) -> Result<Option<TokenRecord>, StoreError>;
+
     // ---- bindings ------------------------------------------------------------------------
 
     /// Create binding `id` (revision 1) or replace its handler and spec (revision + 1).
@@ -181,6 +254,14 @@ pub trait Store: Send + Sync {
         key: &[u8],
         name: &str,
     ) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Every committed state value under message `key` of `tenant`'s `handler`, by name.
+    async fn state_list(
+        &self,
+        tenant: &str,
+        handler: &str,
+        key: &[u8],
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 
     // ---- group commit --------------------------------------------------------------------
 
@@ -228,9 +309,26 @@ pub trait Store: Send + Sync {
 
     // ---- DLQ -----------------------------------------------------------------------------
 
-    /// File a DLQ entry (or refresh the pending entry of the same binding and message id);
-    /// returns its id.
+    /// File a DLQ entry (or refresh the pending or replaying entry of the same binding and
+    /// message id, which becomes pending again with the new failure and no lease); returns its
+    /// id.
     async fn dlq_insert(&self, entry: &DlqEntryInsert) -> Result<i64, StoreError>;
+
+    /// Queue a pending entry of `tenant` for replay (state `replaying`, no lease).
+    /// [`StoreError::NotFound`] if `tenant` has no entry `id`, [`StoreError::Conflict`] if it
+    /// is not pending. The binding's workers claim it ([`Store::dlq_claim_replays`]); the group
+    /// commit of its completion marks it `replayed` ([`Completion::replay_of`]).
+    async fn dlq_replay(&self, tenant: &str, id: i64) -> Result<DlqEntry, StoreError>;
+
+    /// Claim up to `limit` (at most [`MAX_OUTBOX_CLAIM`]) entries of `binding_id` queued for
+    /// replay whose lease is absent or has run out, oldest first, leasing them for `lease` (as
+    /// [`Store::outbox_claim`] does).
+    async fn dlq_claim_replays(
+        &self,
+        binding_id: &str,
+        limit: u32,
+        lease: Duration,
+    ) -> Result<Vec<DlqEntry>, StoreError>;
 
     /// One of `tenant`'s DLQ entries.
     async fn dlq_get(&self, tenant: &str, id: i64) -> Result<Option<DlqEntry>, StoreError>;
@@ -239,7 +337,7 @@ pub trait Store: Send + Sync {
     async fn dlq_list(&self, filter: &DlqFilter) -> Result<Vec<DlqEntry>, StoreError>;
 
     /// Resolve a pending DLQ entry. [`StoreError::NotFound`] if `tenant` has no entry `id`,
-    /// [`StoreError::Conflict`] if it is already resolved.
+    /// [`StoreError::Conflict`] if it is not pending (resolved, or queued for replay).
     async fn dlq_resolve(
         &self,
         tenant: &str,

@@ -14,11 +14,14 @@ use tokio::sync::mpsc;
 
 use super::batch::{self, OutboxRow};
 use super::error::db;
-use super::types::{decode_headers, encode_headers, sha256_hex};
+use super::types::{
+    decode_headers, encode_headers, not_pending, sha256_hex, validate_tenant, validate_token_hash,
+};
 use super::{
     BindingRecord, CommitOutcome, Completion, DlqEntry, DlqEntryInsert, DlqErrorKind, DlqFilter,
-    DlqState, HandlerVersion, MAX_ERROR_BYTES, OUTBOX_CHANNEL, OutboxInsert, OutboxRecord,
-    OutboxState, Resolution, Store, StoreError, claim_limit, lease_micros, truncate,
+    DlqState, HandlerSummary, HandlerVersion, MAX_ERROR_BYTES, NewTenant, NewToken, OUTBOX_CHANNEL,
+    OutboxInsert, OutboxRecord, OutboxState, Quota, Resolution, Store, StoreError, Tenant,
+    TenantUsage, TokenRecord, claim_limit, lease_micros, truncate,
 };
 
 /// Connections in the pool. A live [`Store::outbox_notifications`] listener holds one of them.
@@ -70,6 +73,24 @@ impl PgStore {
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
+
+    /// Why `tenant`'s DLQ entry `id` was not changed by an update of pending entries only:
+    /// [`StoreError::NotFound`] or a [`StoreError::Conflict`] naming its state.
+    async fn not_pending(
+        &self,
+        operation: &'static str,
+        tenant: &str,
+        id: i64,
+    ) -> Result<StoreError, StoreError> {
+        let state: Option<String> =
+            sqlx::query_scalar("SELECT state FROM dlq_entries WHERE tenant = $1 AND id = $2")
+                .bind(tenant)
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db(operation))?;
+        Ok(not_pending(tenant, id, state))
+    }
 }
 
 macro_rules! handler_version_columns {
@@ -110,6 +131,18 @@ macro_rules! dlq_columns {
     };
 }
 
+macro_rules! tenant_columns {
+    () => {
+        "id, max_handlers, max_total_bytes, created_at"
+    };
+}
+
+macro_rules! token_columns {
+    () => {
+        "id, tenant, label, created_at, expires_at, revoked_at"
+    };
+}
+
 fn handler_version(row: &PgRow) -> Result<HandlerVersion, sqlx::Error> {
     Ok(HandlerVersion {
         tenant: row.try_get("tenant")?,
@@ -118,6 +151,60 @@ fn handler_version(row: &PgRow) -> Result<HandlerVersion, sqlx::Error> {
         sha256: row.try_get("sha256")?,
         size: row.try_get("size")?,
         created_at: row.try_get("created_at")?,
+    })
+}
+
+fn tenant_record(row: &PgRow) -> Result<Tenant, sqlx::Error> {
+    Ok(Tenant {
+        id: row.try_get("id")?,
+        quota: Quota {
+            max_handlers: row.try_get("max_handlers")?,
+            max_total_bytes: row.try_get("max_total_bytes")?,
+        },
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn token_record(row: &PgRow) -> Result<TokenRecord, sqlx::Error> {
+    Ok(TokenRecord {
+        id: row.try_get("id")?,
+        tenant: row.try_get("tenant")?,
+        label: row.try_get("label")?,
+        created_at: row.try_get("created_at")?,
+        expires_at: row.try_get("expires_at")?,
+        revoked_at: row.try_get("revoked_at")?,
+    })
+}
+
+/// Serialize, until `tx` ends, the transactions that change what `tenant` owns or uses of its
+/// quotas (uploads, handler and tenant deletion), so that a quota check and the insert it
+/// allows see the same usage. An advisory lock: the tenant may have no row to lock.
+async fn lock_tenant(
+    tx: &mut sqlx::PgConnection,
+    operation: &'static str,
+    tenant: &str,
+) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(format!("weir.tenant:{tenant}"))
+        .execute(&mut *tx)
+        .await
+        .map_err(db(operation))?;
+    Ok(())
+}
+
+/// What `tenant` uses of its quotas, as `conn` sees it.
+async fn usage(conn: &mut sqlx::PgConnection, tenant: &str) -> Result<TenantUsage, StoreError> {
+    let (handlers, total_bytes): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM handlers WHERE tenant = $1), \
+                (SELECT COALESCE(sum(size), 0)::bigint FROM handler_versions WHERE tenant = $1)",
+    )
+    .bind(tenant)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db("read tenant usage"))?;
+    Ok(TenantUsage {
+        handlers,
+        total_bytes,
     })
 }
 
@@ -282,25 +369,16 @@ impl Store for PgStore {
         tenant: &str,
         handler: &str,
         component: &[u8],
+        quota: &Quota,
     ) -> Result<HandlerVersion, StoreError> {
         const OP: &str = "put handler version";
         let sha256 = sha256_hex(component);
         let size = i64::try_from(component.len())
             .map_err(|_| StoreError::Invalid(format!("component of handler {handler}: size")))?;
         let mut tx = self.pool.begin().await.map_err(db(OP))?;
-        sqlx::query("INSERT INTO handlers (tenant, name) VALUES ($1, $2) ON CONFLICT DO NOTHING")
-            .bind(tenant)
-            .bind(handler)
-            .execute(&mut *tx)
-            .await
-            .map_err(db(OP))?;
-        // Serializes uploads of one handler, so version numbers have no gaps or races.
-        sqlx::query("SELECT 1 FROM handlers WHERE tenant = $1 AND name = $2 FOR UPDATE")
-            .bind(tenant)
-            .bind(handler)
-            .execute(&mut *tx)
-            .await
-            .map_err(db(OP))?;
+        // Serializes the tenant's uploads, so that version numbers have no gaps or races and
+        // the quota check below holds until the commit.
+        lock_tenant(&mut tx, OP, tenant).await?;
         let existing = sqlx::query(concat!(
             "SELECT ",
             handler_version_columns!(""),
@@ -312,27 +390,132 @@ impl Store for PgStore {
         .fetch_optional(&mut *tx)
         .await
         .map_err(db(OP))?;
-        let row = match existing {
-            Some(row) => row,
-            None => sqlx::query(concat!(
-                "INSERT INTO handler_versions (tenant, handler, version, sha256, size, component) \
-                 SELECT $1, $2, COALESCE(MAX(version), 0) + 1, $3, $4, $5 \
-                 FROM handler_versions WHERE tenant = $1 AND handler = $2 \
-                 RETURNING ",
-                handler_version_columns!("")
-            ))
+        if let Some(row) = existing {
+            // The same bytes again: nothing new is stored, so nothing is counted.
+            let version = handler_version(&row).map_err(db(OP))?;
+            tx.commit().await.map_err(db(OP))?;
+            return Ok(version);
+        }
+        if !quota.is_unlimited() {
+            let known: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM handlers WHERE tenant = $1 AND name = $2)",
+            )
             .bind(tenant)
             .bind(handler)
-            .bind(&sha256)
-            .bind(size)
-            .bind(component)
             .fetch_one(&mut *tx)
             .await
-            .map_err(db(OP))?,
-        };
+            .map_err(db(OP))?;
+            let usage = usage(&mut tx, tenant).await?;
+            // Refused: dropping `tx` rolls back, nothing is stored.
+            quota.check(tenant, handler, usage, !known, size)?;
+        }
+        sqlx::query("INSERT INTO handlers (tenant, name) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            .bind(tenant)
+            .bind(handler)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(OP))?;
+        let row = sqlx::query(concat!(
+            "INSERT INTO handler_versions (tenant, handler, version, sha256, size, component) \
+             SELECT $1, $2, COALESCE(MAX(version), 0) + 1, $3, $4, $5 \
+             FROM handler_versions WHERE tenant = $1 AND handler = $2 \
+             RETURNING ",
+            handler_version_columns!("")
+        ))
+        .bind(tenant)
+        .bind(handler)
+        .bind(&sha256)
+        .bind(size)
+        .bind(component)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db(OP))?;
         let version = handler_version(&row).map_err(db(OP))?;
         tx.commit().await.map_err(db(OP))?;
         Ok(version)
+    }
+
+    async fn list_handlers(&self, tenant: &str) -> Result<Vec<HandlerSummary>, StoreError> {
+        const OP: &str = "list handlers";
+        let rows = sqlx::query(
+            "SELECT h.tenant, h.name, h.active_version, h.created_at, \
+                    COALESCE(max(v.version), 0) AS latest_version, \
+                    count(v.version) AS versions, \
+                    COALESCE(sum(v.size), 0)::bigint AS total_bytes \
+             FROM handlers h \
+             LEFT JOIN handler_versions v ON v.tenant = h.tenant AND v.handler = h.name \
+             WHERE h.tenant = $1 \
+             GROUP BY h.tenant, h.name \
+             ORDER BY h.name COLLATE \"C\"",
+        )
+        .bind(tenant)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db(OP))?;
+        rows.iter()
+            .map(|row| {
+                Ok(HandlerSummary {
+                    tenant: row.try_get("tenant")?,
+                    handler: row.try_get("name")?,
+                    active_version: row.try_get("active_version")?,
+                    latest_version: row.try_get("latest_version")?,
+                    versions: row.try_get("versions")?,
+                    total_bytes: row.try_get("total_bytes")?,
+                    created_at: row.try_get("created_at")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(db(OP))
+    }
+
+    async fn delete_handler(&self, tenant: &str, handler: &str) -> Result<bool, StoreError> {
+        const OP: &str = "delete handler";
+        let mut tx = self.pool.begin().await.map_err(db(OP))?;
+        lock_tenant(&mut tx, OP, tenant).await?;
+        let binding: Option<String> = sqlx::query_scalar(
+            "SELECT id FROM bindings WHERE tenant = $1 AND handler = $2 ORDER BY id LIMIT 1",
+        )
+        .bind(tenant)
+        .bind(handler)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db(OP))?;
+        if let Some(binding) = binding {
+            return Err(StoreError::Conflict(format!(
+                "handler {tenant}/{handler} is run by binding {binding}"
+            )));
+        }
+        // The handler points at its active version and the versions at the handler: unlink
+        // first, then delete the versions, then the handler.
+        sqlx::query("UPDATE handlers SET active_version = NULL WHERE tenant = $1 AND name = $2")
+            .bind(tenant)
+            .bind(handler)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(OP))?;
+        sqlx::query("DELETE FROM handler_versions WHERE tenant = $1 AND handler = $2")
+            .bind(tenant)
+            .bind(handler)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(OP))?;
+        let deleted = sqlx::query("DELETE FROM handlers WHERE tenant = $1 AND name = $2")
+            .bind(tenant)
+            .bind(handler)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(OP))?
+            .rows_affected();
+        tx.commit().await.map_err(db(OP))?;
+        Ok(deleted > 0)
+    }
+
+    async fn tenant_usage(&self, tenant: &str) -> Result<TenantUsage, StoreError> {
+        usage(
+            &mut *self.pool.acquire().await.map_err(db("read tenant usage"))?,
+            tenant,
+        )
+        .await
     }
 
     async fn handler_version(
@@ -451,6 +634,191 @@ impl Store for PgStore {
             .map_err(db(OP))
     }
 
+    async fn create_tenant(&self, tenant: &NewTenant) -> Result<Tenant, StoreError> {
+        const OP: &str = "create tenant";
+        validate_tenant(tenant)?;
+        let row = sqlx::query(concat!(
+            "INSERT INTO tenants (id, max_handlers, max_total_bytes) VALUES ($1, $2, $3) \
+             ON CONFLICT DO NOTHING RETURNING ",
+            tenant_columns!()
+        ))
+        .bind(&tenant.id)
+        .bind(tenant.quota.max_handlers)
+        .bind(tenant.quota.max_total_bytes)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db(OP))?;
+        match row {
+            Some(row) => tenant_record(&row).map_err(db(OP)),
+            None => Err(StoreError::Conflict(format!(
+                "tenant {} already exists",
+                tenant.id
+            ))),
+        }
+    }
+
+    async fn tenant(&self, id: &str) -> Result<Option<Tenant>, StoreError> {
+        const OP: &str = "read tenant";
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            tenant_columns!(),
+            " FROM tenants WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db(OP))?;
+        row.as_ref().map(tenant_record).transpose().map_err(db(OP))
+    }
+
+    async fn list_tenants(&self) -> Result<Vec<Tenant>, StoreError> {
+        const OP: &str = "list tenants";
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            tenant_columns!(),
+            " FROM tenants ORDER BY id COLLATE \"C\""
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db(OP))?;
+        rows.iter()
+            .map(tenant_record)
+            .collect::<Result<_, _>>()
+            .map_err(db(OP))
+    }
+
+    async fn delete_tenant(&self, id: &str) -> Result<bool, StoreError> {
+        const OP: &str = "delete tenant";
+        let mut tx = self.pool.begin().await.map_err(db(OP))?;
+        // Uploads of the tenant's handlers wait for this transaction (and it for them).
+        lock_tenant(&mut tx, OP, id).await?;
+        let exists: Option<i32> =
+            sqlx::query_scalar("SELECT 1 FROM tenants WHERE id = $1 FOR UPDATE")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db(OP))?;
+        if exists.is_none() {
+            return Ok(false);
+        }
+        let (handlers, bindings): (bool, bool) = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM handlers WHERE tenant = $1), \
+                    EXISTS (SELECT 1 FROM bindings WHERE tenant = $1)",
+        )
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db(OP))?;
+        if handlers || bindings {
+            let what = if handlers { "handlers" } else { "bindings" };
+            return Err(StoreError::Conflict(format!(
+                "tenant {id} still has {what}"
+            )));
+        }
+        sqlx::query("DELETE FROM tokens WHERE tenant = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(OP))?;
+        sqlx::query("DELETE FROM tenants WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(OP))?;
+        tx.commit().await.map_err(db(OP))?;
+        Ok(true)
+    }
+
+    async fn create_token(&self, token: &NewToken) -> Result<TokenRecord, StoreError> {
+        const OP: &str = "create token";
+        validate_token_hash(&token.sha256)?;
+        let mut tx = self.pool.begin().await.map_err(db(OP))?;
+        // Keeps the tenant from being deleted until the token is in.
+        let tenant: Option<i32> =
+            sqlx::query_scalar("SELECT 1 FROM tenants WHERE id = $1 FOR KEY SHARE")
+                .bind(&token.tenant)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db(OP))?;
+        if tenant.is_none() {
+            return Err(StoreError::NotFound(format!("tenant {}", token.tenant)));
+        }
+        let row = sqlx::query(concat!(
+            "INSERT INTO tokens (id, tenant, sha256, label, expires_at) \
+             VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT DO NOTHING RETURNING ",
+            token_columns!()
+        ))
+        .bind(&token.id)
+        .bind(&token.tenant)
+        .bind(&token.sha256)
+        .bind(token.label.as_deref())
+        .bind(token.expires_at)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db(OP))?;
+        let Some(row) = row else {
+            return Err(StoreError::Conflict(format!(
+                "token {}: its id or secret is already taken",
+                token.id
+            )));
+        };
+        let record = token_record(&row).map_err(db(OP))?;
+        tx.commit().await.map_err(db(OP))?;
+        Ok(record)
+    }
+
+    async fn list_tokens(&self, tenant: &str) -> Result<Vec<TokenRecord>, StoreError> {
+        const OP: &str = "list tokens";
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            token_columns!(),
+            " FROM tokens WHERE tenant = $1 ORDER BY created_at, id COLLATE \"C\""
+        ))
+        .bind(tenant)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db(OP))?;
+        rows.iter()
+            .map(token_record)
+            .collect::<Result<_, _>>()
+            .map_err(db(OP))
+    }
+
+    async fn revoke_token(&self, tenant: &str, id: &str) -> Result<TokenRecord, StoreError> {
+        const OP: &str = "revoke token";
+        let row = sqlx::query(concat!(
+            "UPDATE tokens SET revoked_at = COALESCE(revoked_at, now()) \
+             WHERE tenant = $1 AND id = $2 RETURNING ",
+            token_columns!()
+        ))
+        .bind(tenant)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db(OP))?;
+        match row {
+            Some(row) => token_record(&row).map_err(db(OP)),
+            None => Err(StoreError::NotFound(format!(
+                "token {id} of tenant {tenant}"
+            ))),
+        }
+    }
+
+    async fn token_by_hash(&self, sha256: &str) -> Result<Option<TokenRecord>, StoreError> {
+        const OP: &str = "read token";
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            token_columns!(),
+            " FROM tokens WHERE sha256 = $1"
+        ))
+        .bind(sha256)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db(OP))?;
+        row.as_ref().map(token_record).transpose().map_err(db(OP))
+    }
+
     async fn put_binding(
         &self,
         id: &str,
@@ -554,6 +922,24 @@ impl Store for PgStore {
         .map_err(db("read keyed state"))
     }
 
+    async fn state_list(
+        &self,
+        tenant: &str,
+        handler: &str,
+        key: &[u8],
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        sqlx::query_as(
+            "SELECT name, value FROM keyed_state \
+             WHERE tenant = $1 AND handler = $2 AND key = $3 ORDER BY name COLLATE \"C\"",
+        )
+        .bind(tenant)
+        .bind(handler)
+        .bind(key)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("list keyed state"))
+    }
+
     async fn commit(&self, batch: &[Completion]) -> Result<Vec<CommitOutcome>, StoreError> {
         const OP: &str = "commit";
         batch::validate(batch)?;
@@ -620,6 +1006,21 @@ impl Store for PgStore {
             OutboxColumns::new(&writes.outbox)
                 .insert(OP, &mut tx)
                 .await?;
+        }
+        let replays = batch::replays(batch);
+        if !replays.is_empty() {
+            let (ids, bindings): (Vec<i64>, Vec<&str>) = replays.into_iter().unzip();
+            sqlx::query(
+                "UPDATE dlq_entries d \
+                 SET state = 'replayed', resolved_at = now(), lease_until = NULL \
+                 FROM UNNEST($1::bigint[], $2::text[]) AS r(id, binding_id) \
+                 WHERE d.id = r.id AND d.binding_id = r.binding_id AND d.state = 'replaying'",
+            )
+            .bind(ids)
+            .bind(bindings)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(OP))?;
         }
         tx.commit().await.map_err(db(OP))?;
         Ok(outcomes)
@@ -759,7 +1160,10 @@ impl Store for PgStore {
                  error_kind, error_message, attempts, first_failure_at, last_failure_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb, $12, $13, $14, $15, \
                      $16, $17) \
-             ON CONFLICT (binding_id, message_id) WHERE state = 'pending' DO UPDATE SET \
+             ON CONFLICT (binding_id, message_id) WHERE state IN ('pending', 'replaying') \
+             DO UPDATE SET \
+                 state = 'pending', \
+                 lease_until = NULL, \
                  handler_version = excluded.handler_version, \
                  error_kind = excluded.error_kind, \
                  error_message = excluded.error_message, \
@@ -788,6 +1192,51 @@ impl Store for PgStore {
         .fetch_one(&self.pool)
         .await
         .map_err(db("insert dlq entry"))
+    }
+
+    async fn dlq_replay(&self, tenant: &str, id: i64) -> Result<DlqEntry, StoreError> {
+        const OP: &str = "replay dlq entry";
+        let row = sqlx::query(concat!(
+            "UPDATE dlq_entries SET state = 'replaying', lease_until = NULL \
+             WHERE tenant = $1 AND id = $2 AND state = 'pending' \
+             RETURNING ",
+            dlq_columns!()
+        ))
+        .bind(tenant)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db(OP))?;
+        match row {
+            Some(row) => dlq_entry(&row),
+            None => Err(self.not_pending(OP, tenant, id).await?),
+        }
+    }
+
+    async fn dlq_claim_replays(
+        &self,
+        binding_id: &str,
+        limit: u32,
+        lease: Duration,
+    ) -> Result<Vec<DlqEntry>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "UPDATE dlq_entries SET lease_until = now() + $3 * interval '1 microsecond' \
+             WHERE id IN (SELECT id FROM dlq_entries \
+                          WHERE binding_id = $1 AND state = 'replaying' \
+                            AND (lease_until IS NULL OR lease_until <= now()) \
+                          ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED) \
+             RETURNING ",
+            dlq_columns!()
+        ))
+        .bind(binding_id)
+        .bind(claim_limit(limit))
+        .bind(lease_micros(lease))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("claim dlq replays"))?;
+        let mut entries = rows.iter().map(dlq_entry).collect::<Result<Vec<_>, _>>()?;
+        entries.sort_by_key(|entry| entry.id);
+        Ok(entries)
     }
 
     async fn dlq_get(&self, tenant: &str, id: i64) -> Result<Option<DlqEntry>, StoreError> {
@@ -868,20 +1317,10 @@ impl Store for PgStore {
         .fetch_optional(&self.pool)
         .await
         .map_err(db(OP))?;
-        if let Some(row) = row {
-            return dlq_entry(&row);
+        match row {
+            Some(row) => dlq_entry(&row),
+            None => Err(self.not_pending(OP, tenant, id).await?),
         }
-        let state: Option<String> =
-            sqlx::query_scalar("SELECT state FROM dlq_entries WHERE tenant = $1 AND id = $2")
-                .bind(tenant)
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(db(OP))?;
-        Err(match state {
-            None => StoreError::NotFound(format!("dlq entry {id} of tenant {tenant}")),
-            Some(state) => StoreError::Conflict(format!("dlq entry {id} is already {state}")),
-        })
     }
 
     async fn sweep_processed_keys(&self, older_than: DateTime<Utc>) -> Result<u64, StoreError> {

@@ -23,11 +23,14 @@ use tokio::sync::mpsc;
 
 use super::batch::{self, OutboxRow, StateRow};
 use super::error::db;
-use super::types::{decode_headers, encode_headers, sha256_hex};
+use super::types::{
+    decode_headers, encode_headers, not_pending, sha256_hex, validate_tenant, validate_token_hash,
+};
 use super::{
     BindingRecord, CommitOutcome, Completion, DlqEntry, DlqEntryInsert, DlqErrorKind, DlqFilter,
-    DlqState, HandlerVersion, MAX_ERROR_BYTES, OutboxInsert, OutboxRecord, OutboxState, Resolution,
-    Store, StoreError, claim_limit, lease_micros, truncate,
+    DlqState, HandlerSummary, HandlerVersion, MAX_ERROR_BYTES, NewTenant, NewToken, OutboxInsert,
+    OutboxRecord, OutboxState, Quota, Resolution, Store, StoreError, Tenant, TenantUsage,
+    TokenRecord, claim_limit, lease_micros, truncate,
 };
 
 /// Connections to a database file (readers run in parallel under WAL; writers queue).
@@ -166,6 +169,10 @@ const DLQ_COLUMNS: &str = "id, tenant, binding_id, handler, handler_version, top
      error_message, attempts, first_failure_at, last_failure_at, state, resolved_at, \
      resolution_note";
 
+const TENANT_COLUMNS: &str = "id, max_handlers, max_total_bytes, created_at";
+
+const TOKEN_COLUMNS: &str = "id, tenant, label, created_at, expires_at, revoked_at";
+
 /// `SELECT <columns> FROM <rest>` as a statement sqlx accepts; every part is a constant.
 fn select(columns: &str, rest: &str) -> sqlx::AssertSqlSafe<String> {
     sqlx::AssertSqlSafe(format!("SELECT {columns} FROM {rest}"))
@@ -184,6 +191,65 @@ fn handler_version(row: &SqliteRow) -> Result<HandlerVersion, StoreError> {
             row.try_get("created_at").map_err(decode)?,
         )?,
     })
+}
+
+fn tenant_record(row: &SqliteRow) -> Result<Tenant, StoreError> {
+    let decode = |error| StoreError::from_sqlx("read tenant", error);
+    Ok(Tenant {
+        id: row.try_get("id").map_err(decode)?,
+        quota: Quota {
+            max_handlers: row.try_get("max_handlers").map_err(decode)?,
+            max_total_bytes: row.try_get("max_total_bytes").map_err(decode)?,
+        },
+        created_at: time("tenants", row.try_get("created_at").map_err(decode)?)?,
+    })
+}
+
+fn token_record(row: &SqliteRow) -> Result<TokenRecord, StoreError> {
+    const TABLE: &str = "tokens";
+    let decode = |error| StoreError::from_sqlx("read token", error);
+    Ok(TokenRecord {
+        id: row.try_get("id").map_err(decode)?,
+        tenant: row.try_get("tenant").map_err(decode)?,
+        label: row.try_get("label").map_err(decode)?,
+        created_at: time(TABLE, row.try_get("created_at").map_err(decode)?)?,
+        expires_at: optional_time(TABLE, row.try_get("expires_at").map_err(decode)?)?,
+        revoked_at: optional_time(TABLE, row.try_get("revoked_at").map_err(decode)?)?,
+    })
+}
+
+/// What `tenant` uses of its quotas, as `conn` sees it.
+async fn usage(conn: &mut SqliteConnection, tenant: &str) -> Result<TenantUsage, StoreError> {
+    let (handlers, total_bytes): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM handlers WHERE tenant = $1), \
+                (SELECT COALESCE(sum(size), 0) FROM handler_versions WHERE tenant = $1)",
+    )
+    .bind(tenant)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db("read tenant usage"))?;
+    Ok(TenantUsage {
+        handlers,
+        total_bytes,
+    })
+}
+
+/// Why `tenant`'s DLQ entry `id` was not changed by an update of pending entries only:
+/// [`StoreError::NotFound`] or a [`StoreError::Conflict`] naming its state.
+async fn dlq_state(
+    operation: &'static str,
+    conn: &mut SqliteConnection,
+    tenant: &str,
+    id: i64,
+) -> Result<StoreError, StoreError> {
+    let state: Option<String> =
+        sqlx::query_scalar("SELECT state FROM dlq_entries WHERE tenant = $1 AND id = $2")
+            .bind(tenant)
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db(operation))?;
+    Ok(not_pending(tenant, id, state))
 }
 
 fn binding(row: &SqliteRow) -> Result<BindingRecord, StoreError> {
@@ -347,6 +413,34 @@ async fn write_state(
     Ok(())
 }
 
+/// Mark the DLQ entries replayed by a batch, `(id, binding_id)`, as replayed if they are
+/// queued for replay.
+async fn mark_replayed(
+    operation: &'static str,
+    conn: &mut SqliteConnection,
+    replays: &[(i64, &str)],
+    resolved_at: i64,
+) -> Result<(), StoreError> {
+    for chunk in replays.chunks(chunk_rows(2)) {
+        let mut query: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "UPDATE dlq_entries SET state = 'replayed', lease_until = NULL, resolved_at = ",
+        );
+        query
+            .push_bind(resolved_at)
+            .push(" WHERE state = 'replaying' AND (id, binding_id) IN (");
+        query.push_values(chunk, |mut values, (id, binding_id)| {
+            values.push_bind(*id).push_bind((*binding_id).to_owned());
+        });
+        query.push(")");
+        query
+            .build()
+            .execute(&mut *conn)
+            .await
+            .map_err(db(operation))?;
+    }
+    Ok(())
+}
+
 #[async_trait::async_trait]
 impl Store for SqliteStore {
     async fn migrate(&self) -> Result<(), StoreError> {
@@ -369,24 +463,16 @@ impl Store for SqliteStore {
         tenant: &str,
         handler: &str,
         component: &[u8],
+        quota: &Quota,
     ) -> Result<HandlerVersion, StoreError> {
         const OP: &str = "put handler version";
         let sha256 = sha256_hex(component);
         let size = i64::try_from(component.len())
             .map_err(|_| StoreError::Invalid(format!("component of handler {handler}: size")))?;
         let created_at = now();
-        // IMMEDIATE: this transaction holds the write lock, so version numbers cannot race.
+        // IMMEDIATE: this transaction holds the write lock, so neither version numbers nor the
+        // quota check can race.
         let mut tx = self.begin(OP).await?;
-        sqlx::query(
-            "INSERT INTO handlers (tenant, name, created_at) VALUES ($1, $2, $3) \
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(tenant)
-        .bind(handler)
-        .bind(created_at)
-        .execute(&mut *tx)
-        .await
-        .map_err(db(OP))?;
         let existing = sqlx::query(select(
             HANDLER_VERSION_COLUMNS,
             "handler_versions WHERE tenant = $1 AND handler = $2 AND sha256 = $3",
@@ -397,28 +483,133 @@ impl Store for SqliteStore {
         .fetch_optional(&mut *tx)
         .await
         .map_err(db(OP))?;
-        let row = match existing {
-            Some(row) => row,
-            None => sqlx::query(sqlx::AssertSqlSafe(format!(
-                "INSERT INTO handler_versions \
-                     (tenant, handler, version, sha256, size, component, created_at) \
-                 SELECT $1, $2, COALESCE(MAX(version), 0) + 1, $3, $4, $5, $6 \
-                 FROM handler_versions WHERE tenant = $1 AND handler = $2 \
-                 RETURNING {HANDLER_VERSION_COLUMNS}"
-            )))
+        if let Some(row) = existing {
+            // The same bytes again: nothing new is stored, so nothing is counted.
+            let version = handler_version(&row)?;
+            tx.commit().await.map_err(db(OP))?;
+            return Ok(version);
+        }
+        if !quota.is_unlimited() {
+            let known: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM handlers WHERE tenant = $1 AND name = $2)",
+            )
             .bind(tenant)
             .bind(handler)
-            .bind(&sha256)
-            .bind(size)
-            .bind(component)
-            .bind(created_at)
             .fetch_one(&mut *tx)
             .await
-            .map_err(db(OP))?,
-        };
+            .map_err(db(OP))?;
+            let usage = usage(&mut tx, tenant).await?;
+            // Refused: dropping `tx` rolls back, nothing is stored.
+            quota.check(tenant, handler, usage, !known, size)?;
+        }
+        sqlx::query(
+            "INSERT INTO handlers (tenant, name, created_at) VALUES ($1, $2, $3) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(tenant)
+        .bind(handler)
+        .bind(created_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(db(OP))?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO handler_versions \
+                 (tenant, handler, version, sha256, size, component, created_at) \
+             SELECT $1, $2, COALESCE(MAX(version), 0) + 1, $3, $4, $5, $6 \
+             FROM handler_versions WHERE tenant = $1 AND handler = $2 \
+             RETURNING {HANDLER_VERSION_COLUMNS}"
+        )))
+        .bind(tenant)
+        .bind(handler)
+        .bind(&sha256)
+        .bind(size)
+        .bind(component)
+        .bind(created_at)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db(OP))?;
         let version = handler_version(&row)?;
         tx.commit().await.map_err(db(OP))?;
         Ok(version)
+    }
+
+    async fn list_handlers(&self, tenant: &str) -> Result<Vec<HandlerSummary>, StoreError> {
+        const OP: &str = "list handlers";
+        let rows = sqlx::query(
+            "SELECT h.tenant, h.name, h.active_version, h.created_at, \
+                    COALESCE(max(v.version), 0) AS latest_version, \
+                    count(v.version) AS versions, \
+                    COALESCE(sum(v.size), 0) AS total_bytes \
+             FROM handlers h \
+             LEFT JOIN handler_versions v ON v.tenant = h.tenant AND v.handler = h.name \
+             WHERE h.tenant = $1 \
+             GROUP BY h.tenant, h.name \
+             ORDER BY h.name",
+        )
+        .bind(tenant)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db(OP))?;
+        rows.iter()
+            .map(|row| {
+                let decode = |error| StoreError::from_sqlx(OP, error);
+                Ok(HandlerSummary {
+                    tenant: row.try_get("tenant").map_err(decode)?,
+                    handler: row.try_get("name").map_err(decode)?,
+                    active_version: row.try_get("active_version").map_err(decode)?,
+                    latest_version: row.try_get("latest_version").map_err(decode)?,
+                    versions: row.try_get("versions").map_err(decode)?,
+                    total_bytes: row.try_get("total_bytes").map_err(decode)?,
+                    created_at: time("handlers", row.try_get("created_at").map_err(decode)?)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn delete_handler(&self, tenant: &str, handler: &str) -> Result<bool, StoreError> {
+        const OP: &str = "delete handler";
+        let mut tx = self.begin(OP).await?;
+        let binding: Option<String> = sqlx::query_scalar(
+            "SELECT id FROM bindings WHERE tenant = $1 AND handler = $2 ORDER BY id LIMIT 1",
+        )
+        .bind(tenant)
+        .bind(handler)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db(OP))?;
+        if let Some(binding) = binding {
+            return Err(StoreError::Conflict(format!(
+                "handler {tenant}/{handler} is run by binding {binding}"
+            )));
+        }
+        // The handler points at its active version and the versions at the handler: unlink
+        // first, then delete the versions, then the handler.
+        sqlx::query("UPDATE handlers SET active_version = NULL WHERE tenant = $1 AND name = $2")
+            .bind(tenant)
+            .bind(handler)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(OP))?;
+        sqlx::query("DELETE FROM handler_versions WHERE tenant = $1 AND handler = $2")
+            .bind(tenant)
+            .bind(handler)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(OP))?;
+        let deleted = sqlx::query("DELETE FROM handlers WHERE tenant = $1 AND name = $2")
+            .bind(tenant)
+            .bind(handler)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(OP))?
+            .rows_affected();
+        tx.commit().await.map_err(db(OP))?;
+        Ok(deleted > 0)
+    }
+
+    async fn tenant_usage(&self, tenant: &str) -> Result<TenantUsage, StoreError> {
+        let mut conn = self.pool.acquire().await.map_err(db("read tenant usage"))?;
+        usage(&mut conn, tenant).await
     }
 
     async fn handler_version(
@@ -529,6 +720,163 @@ impl Store for SqliteStore {
         rows.iter().map(handler_version).collect()
     }
 
+    async fn create_tenant(&self, tenant: &NewTenant) -> Result<Tenant, StoreError> {
+        const OP: &str = "create tenant";
+        validate_tenant(tenant)?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO tenants (id, max_handlers, max_total_bytes, created_at) \
+             VALUES ($1, $2, $3, $4) \
+             ON CONFLICT DO NOTHING RETURNING {TENANT_COLUMNS}"
+        )))
+        .bind(&tenant.id)
+        .bind(tenant.quota.max_handlers)
+        .bind(tenant.quota.max_total_bytes)
+        .bind(now())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db(OP))?;
+        match row {
+            Some(row) => tenant_record(&row),
+            None => Err(StoreError::Conflict(format!(
+                "tenant {} already exists",
+                tenant.id
+            ))),
+        }
+    }
+
+    async fn tenant(&self, id: &str) -> Result<Option<Tenant>, StoreError> {
+        let row = sqlx::query(select(TENANT_COLUMNS, "tenants WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db("read tenant"))?;
+        row.as_ref().map(tenant_record).transpose()
+    }
+
+    async fn list_tenants(&self) -> Result<Vec<Tenant>, StoreError> {
+        let rows = sqlx::query(select(TENANT_COLUMNS, "tenants ORDER BY id"))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("list tenants"))?;
+        rows.iter().map(tenant_record).collect()
+    }
+
+    async fn delete_tenant(&self, id: &str) -> Result<bool, StoreError> {
+        const OP: &str = "delete tenant";
+        let mut tx = self.begin(OP).await?;
+        let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM tenants WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db(OP))?;
+        if exists.is_none() {
+            return Ok(false);
+        }
+        let (handlers, bindings): (bool, bool) = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM handlers WHERE tenant = $1), \
+                    EXISTS (SELECT 1 FROM bindings WHERE tenant = $1)",
+        )
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db(OP))?;
+        if handlers || bindings {
+            let what = if handlers { "handlers" } else { "bindings" };
+            return Err(StoreError::Conflict(format!(
+                "tenant {id} still has {what}"
+            )));
+        }
+        sqlx::query("DELETE FROM tokens WHERE tenant = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(OP))?;
+        sqlx::query("DELETE FROM tenants WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(OP))?;
+        tx.commit().await.map_err(db(OP))?;
+        Ok(true)
+    }
+
+    async fn create_token(&self, token: &NewToken) -> Result<TokenRecord, StoreError> {
+        const OP: &str = "create token";
+        validate_token_hash(&token.sha256)?;
+        let mut tx = self.begin(OP).await?;
+        let tenant: Option<i64> = sqlx::query_scalar("SELECT 1 FROM tenants WHERE id = $1")
+            .bind(&token.tenant)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db(OP))?;
+        if tenant.is_none() {
+            return Err(StoreError::NotFound(format!("tenant {}", token.tenant)));
+        }
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO tokens (id, tenant, sha256, label, created_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT DO NOTHING RETURNING {TOKEN_COLUMNS}"
+        )))
+        .bind(&token.id)
+        .bind(&token.tenant)
+        .bind(&token.sha256)
+        .bind(token.label.as_deref())
+        .bind(now())
+        .bind(token.expires_at.map(|at| at.timestamp_micros()))
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db(OP))?;
+        let Some(row) = row else {
+            return Err(StoreError::Conflict(format!(
+                "token {}: its id or secret is already taken",
+                token.id
+            )));
+        };
+        let record = token_record(&row)?;
+        tx.commit().await.map_err(db(OP))?;
+        Ok(record)
+    }
+
+    async fn list_tokens(&self, tenant: &str) -> Result<Vec<TokenRecord>, StoreError> {
+        let rows = sqlx::query(select(
+            TOKEN_COLUMNS,
+            "tokens WHERE tenant = $1 ORDER BY created_at, id",
+        ))
+        .bind(tenant)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("list tokens"))?;
+        rows.iter().map(token_record).collect()
+    }
+
+    async fn revoke_token(&self, tenant: &str, id: &str) -> Result<TokenRecord, StoreError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE tokens SET revoked_at = COALESCE(revoked_at, $3) \
+             WHERE tenant = $1 AND id = $2 RETURNING {TOKEN_COLUMNS}"
+        )))
+        .bind(tenant)
+        .bind(id)
+        .bind(now())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("revoke token"))?;
+        match row {
+            Some(row) => token_record(&row),
+            None => Err(StoreError::NotFound(format!(
+                "token {id} of tenant {tenant}"
+            ))),
+        }
+    }
+
+    async fn token_by_hash(&self, sha256: &str) -> Result<Option<TokenRecord>, StoreError> {
+        let row = sqlx::query(select(TOKEN_COLUMNS, "tokens WHERE sha256 = $1"))
+            .bind(sha256)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db("read token"))?;
+        row.as_ref().map(token_record).transpose()
+    }
+
     async fn put_binding(
         &self,
         id: &str,
@@ -633,6 +981,24 @@ impl Store for SqliteStore {
         .map_err(db("read keyed state"))
     }
 
+    async fn state_list(
+        &self,
+        tenant: &str,
+        handler: &str,
+        key: &[u8],
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        sqlx::query_as(
+            "SELECT name, value FROM keyed_state \
+             WHERE tenant = $1 AND handler = $2 AND key = $3 ORDER BY name",
+        )
+        .bind(tenant)
+        .bind(handler)
+        .bind(key)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("list keyed state"))
+    }
+
     async fn commit(&self, batch: &[Completion]) -> Result<Vec<CommitOutcome>, StoreError> {
         const OP: &str = "commit";
         batch::validate(batch)?;
@@ -668,6 +1034,7 @@ impl Store for SqliteStore {
         } else {
             !insert_outbox(OP, &mut tx, &writes.outbox).await?.is_empty()
         };
+        mark_replayed(OP, &mut tx, &batch::replays(batch), processed_at).await?;
         tx.commit().await.map_err(db(OP))?;
         if emitted {
             self.notify_outbox();
@@ -804,7 +1171,10 @@ impl Store for SqliteStore {
                  kafka_partition, kafka_offset, message_id, key, payload, headers, timestamp_ms, \
                  error_kind, error_message, attempts, first_failure_at, last_failure_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
-             ON CONFLICT (binding_id, message_id) WHERE state = 'pending' DO UPDATE SET \
+             ON CONFLICT (binding_id, message_id) WHERE state IN ('pending', 'replaying') \
+             DO UPDATE SET \
+                 state = 'pending', \
+                 lease_until = NULL, \
                  handler_version = excluded.handler_version, \
                  error_kind = excluded.error_kind, \
                  error_message = excluded.error_message, \
@@ -833,6 +1203,54 @@ impl Store for SqliteStore {
         .fetch_one(&self.pool)
         .await
         .map_err(db("insert dlq entry"))
+    }
+
+    async fn dlq_replay(&self, tenant: &str, id: i64) -> Result<DlqEntry, StoreError> {
+        const OP: &str = "replay dlq entry";
+        let mut tx = self.begin(OP).await?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE dlq_entries SET state = 'replaying', lease_until = NULL \
+             WHERE tenant = $1 AND id = $2 AND state = 'pending' \
+             RETURNING {DLQ_COLUMNS}"
+        )))
+        .bind(tenant)
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db(OP))?;
+        let result = match row {
+            Some(row) => dlq_entry(&row),
+            None => Err(dlq_state(OP, &mut tx, tenant, id).await?),
+        };
+        tx.commit().await.map_err(db(OP))?;
+        result
+    }
+
+    async fn dlq_claim_replays(
+        &self,
+        binding_id: &str,
+        limit: u32,
+        lease: Duration,
+    ) -> Result<Vec<DlqEntry>, StoreError> {
+        let at = now();
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE dlq_entries SET lease_until = $1 + $2 \
+             WHERE id IN (SELECT id FROM dlq_entries \
+                          WHERE binding_id = $4 AND state = 'replaying' \
+                            AND (lease_until IS NULL OR lease_until <= $1) \
+                          ORDER BY id LIMIT $3) \
+             RETURNING {DLQ_COLUMNS}"
+        )))
+        .bind(at)
+        .bind(lease_micros(lease))
+        .bind(claim_limit(limit))
+        .bind(binding_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("claim dlq replays"))?;
+        let mut entries = rows.iter().map(dlq_entry).collect::<Result<Vec<_>, _>>()?;
+        entries.sort_by_key(|entry| entry.id);
+        Ok(entries)
     }
 
     async fn dlq_get(&self, tenant: &str, id: i64) -> Result<Option<DlqEntry>, StoreError> {
@@ -916,22 +1334,7 @@ impl Store for SqliteStore {
         .map_err(db(OP))?;
         let result = match row {
             Some(row) => dlq_entry(&row),
-            None => {
-                let state: Option<String> = sqlx::query_scalar(
-                    "SELECT state FROM dlq_entries WHERE tenant = $1 AND id = $2",
-                )
-                .bind(tenant)
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db(OP))?;
-                Err(match state {
-                    None => StoreError::NotFound(format!("dlq entry {id} of tenant {tenant}")),
-                    Some(state) => {
-                        StoreError::Conflict(format!("dlq entry {id} is already {state}"))
-                    }
-                })
-            }
+            None => Err(dlq_state(OP, &mut tx, tenant, id).await?),
         };
         tx.commit().await.map_err(db(OP))?;
         result

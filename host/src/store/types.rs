@@ -65,6 +65,9 @@ pub struct Completion {
     pub state_writes: Vec<StateWrite>,
     /// Messages to publish through the outbox, in emit order.
     pub emits: Vec<OutboxInsert>,
+    /// The DLQ entry this message replays, if it is a replay: the same transaction marks the
+    /// entry `replayed` (also when the completion is a duplicate).
+    pub replay_of: Option<i64>,
 }
 
 /// One message to publish through the outbox.
@@ -162,6 +165,9 @@ pub enum DlqErrorKind {
 pub enum DlqState {
     /// Waiting for an operator.
     Pending,
+    /// Queued for replay to its binding; becomes `replayed` when the replay commits, or
+    /// `pending` again if it fails again.
+    Replaying,
     /// Re-delivered to its binding.
     Replayed,
     /// Dropped on purpose, with a note.
@@ -328,6 +334,7 @@ text_enum!(DlqErrorKind, "dlq_entries", {
 });
 text_enum!(DlqState, "dlq_entries", {
     Pending => "pending",
+    Replaying => "replaying",
     Replayed => "replayed",
     Discarded => "discarded",
 });
@@ -396,6 +403,188 @@ pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(bytes))
 }
 
+/// Limits checked when a handler version is stored; `None` is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Quota {
+    /// Handlers the tenant may have, at most.
+    pub max_handlers: Option<i64>,
+    /// Component bytes the tenant may store over all its versions, at most.
+    pub max_total_bytes: Option<i64>,
+}
+
+/// A handler and its versions, summed up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HandlerSummary {
+    /// Owning tenant.
+    pub tenant: String,
+    /// Handler name.
+    pub handler: String,
+    /// The active version, if one is active.
+    pub active_version: Option<i32>,
+    /// The highest version number.
+    pub latest_version: i32,
+    /// How many versions are stored.
+    pub versions: i64,
+    /// Component bytes over all versions.
+    pub total_bytes: i64,
+    /// When the handler was created.
+    pub created_at: DateTime<Utc>,
+}
+
+/// What a tenant uses of its quotas.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct TenantUsage {
+    /// Handlers.
+    pub handlers: i64,
+    /// Component bytes over all versions of all handlers.
+    pub total_bytes: i64,
+}
+
+/// A tenant to create.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewTenant {
+    /// Tenant id: the name every object of the tenant is filed under.
+    pub id: String,
+    /// Its own quotas; `None` fields take the platform defaults.
+    pub quota: Quota,
+}
+
+/// A tenant as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tenant {
+    /// Tenant id.
+    pub id: String,
+    /// Its own quotas (`None`: the platform default).
+    pub quota: Quota,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+}
+
+/// A token to record: the secret itself is never stored, only its SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewToken {
+    /// Public id of the token (shown in lists, used to revoke it).
+    pub id: String,
+    /// The tenant it acts for.
+    pub tenant: String,
+    /// SHA-256 of the secret, lower-case hex.
+    pub sha256: String,
+    /// A label for humans.
+    pub label: Option<String>,
+    /// When it stops working, if ever.
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// A token as stored (without its secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TokenRecord {
+    /// Public id.
+    pub id: String,
+    /// The tenant it acts for.
+    pub tenant: String,
+    /// A label for humans.
+    pub label: Option<String>,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+    /// When it stops working, if ever.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// When it was revoked, if it was.
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+impl Quota {
+    /// Whether neither limit is set.
+    pub(crate) fn is_unlimited(&self) -> bool {
+        self.max_handlers.is_none() && self.max_total_bytes.is_none()
+    }
+
+    /// Refuse negative limits.
+    pub(crate) fn validate(&self, owner: &str) -> Result<(), StoreError> {
+        if self.max_handlers.is_some_and(|max| max < 0) {
+            return Err(StoreError::Invalid(format!(
+                "quota of {owner}: max_handlers is negative"
+            )));
+        }
+        if self.max_total_bytes.is_some_and(|max| max < 0) {
+            return Err(StoreError::Invalid(format!(
+                "quota of {owner}: max_total_bytes is negative"
+            )));
+        }
+        Ok(())
+    }
+
+    /// [`StoreError::QuotaExceeded`] if storing `size` more component bytes for `tenant`'s
+    /// `handler` (a handler it does not have yet when `new_handler`) would pass a limit, given
+    /// what the tenant uses now. A limit reached exactly is not passed.
+    pub(crate) fn check(
+        &self,
+        tenant: &str,
+        handler: &str,
+        usage: TenantUsage,
+        new_handler: bool,
+        size: i64,
+    ) -> Result<(), StoreError> {
+        if let Some(max) = self.max_handlers
+            && new_handler
+            && usage.handlers.saturating_add(1) > max
+        {
+            return Err(StoreError::QuotaExceeded(format!(
+                "tenant {tenant} has {} handler(s), at most {max}: cannot add handler {handler}",
+                usage.handlers
+            )));
+        }
+        if let Some(max) = self.max_total_bytes
+            && usage.total_bytes.saturating_add(size) > max
+        {
+            return Err(StoreError::QuotaExceeded(format!(
+                "tenant {tenant} stores {} component bytes, at most {max}: cannot add {size} \
+                 more for handler {handler}",
+                usage.total_bytes
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Refuse a tenant without an id or with a negative quota.
+pub(crate) fn validate_tenant(tenant: &NewTenant) -> Result<(), StoreError> {
+    if tenant.id.is_empty() {
+        return Err(StoreError::Invalid("tenant: empty id".to_owned()));
+    }
+    tenant.quota.validate(&format!("tenant {}", tenant.id))
+}
+
+/// The answer to a change of pending DLQ entry `id` of `tenant` that changed nothing, given
+/// the entry's state (`None`: no such entry).
+pub(crate) fn not_pending(tenant: &str, id: i64, state: Option<String>) -> StoreError {
+    match state {
+        None => StoreError::NotFound(format!("dlq entry {id} of tenant {tenant}")),
+        Some(state) => StoreError::Conflict(format!("dlq entry {id} is {state}, not pending")),
+    }
+}
+
+/// Refuse a token hash that is not 64 lower-case hex digits.
+pub(crate) fn validate_token_hash(sha256: &str) -> Result<(), StoreError> {
+    if sha256.len() == 64
+        && sha256
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid(
+            "token hash: expected 64 lower-case hex digits (sha-256)".to_owned(),
+        ))
+    }
+}
+
+impl TokenRecord {
+    /// Whether the token authenticates at `now`: not revoked, not expired.
+    pub fn is_valid_at(&self, now: DateTime<Utc>) -> bool {
+        self.revoked_at.is_none() && self.expires_at.is_none_or(|expiry| now < expiry)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -441,10 +630,60 @@ mod tests {
         ] {
             assert_eq!(DlqErrorKind::decode(kind.as_str()).unwrap(), kind);
         }
+        for state in [
+            DlqState::Pending,
+            DlqState::Replaying,
+            DlqState::Replayed,
+            DlqState::Discarded,
+        ] {
+            assert_eq!(DlqState::decode(state.as_str()).unwrap(), state);
+        }
         assert!(matches!(
             DlqState::decode("lost"),
             Err(StoreError::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn quotas_refuse_what_would_pass_a_limit_only() {
+        let quota = Quota {
+            max_handlers: Some(2),
+            max_total_bytes: Some(100),
+        };
+        let usage = TenantUsage {
+            handlers: 2,
+            total_bytes: 90,
+        };
+        // A new version of a handler the tenant has does not count as a handler.
+        quota.check("t", "h", usage, false, 10).unwrap();
+        assert!(matches!(
+            quota.check("t", "h", usage, true, 0),
+            Err(StoreError::QuotaExceeded(_))
+        ));
+        assert!(matches!(
+            quota.check("t", "h", usage, false, 11),
+            Err(StoreError::QuotaExceeded(_))
+        ));
+        Quota::default()
+            .check("t", "h", usage, true, i64::MAX)
+            .unwrap();
+        assert!(Quota::default().is_unlimited());
+        assert!(!quota.is_unlimited());
+        assert!(
+            Quota {
+                max_handlers: Some(-1),
+                max_total_bytes: None
+            }
+            .validate("tenant t")
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn token_hashes_are_lower_case_sha256_hex() {
+        validate_token_hash(&sha256_hex(b"secret")).unwrap();
+        assert!(validate_token_hash(&sha256_hex(b"secret").to_uppercase()).is_err());
+        assert!(validate_token_hash("abc").is_err());
     }
 
     #[test]

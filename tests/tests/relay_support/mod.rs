@@ -26,8 +26,9 @@ use tokio_util::sync::CancellationToken;
 use weir::kafka::{KafkaClientConfig, Relay, RelaySettings, RelayStats};
 use weir::runtime::Header;
 use weir::store::{
-    BindingRecord, CommitOutcome, Completion, DlqEntry, DlqEntryInsert, DlqFilter, HandlerVersion,
-    OutboxInsert, OutboxRecord, OutboxState, Resolution, Store, StoreError,
+    BindingRecord, CommitOutcome, Completion, DlqEntry, DlqEntryInsert, DlqFilter, HandlerSummary,
+    HandlerVersion, NewTenant, NewToken, OutboxInsert, OutboxRecord, OutboxState, Quota,
+    Resolution, Store, StoreError, Tenant, TenantUsage, TokenRecord,
 };
 use weir_acceptance::{services, unique_name};
 
@@ -463,10 +464,23 @@ impl Store for FlakyStore {
         tenant: &str,
         handler: &str,
         component: &[u8],
+        quota: &Quota,
     ) -> Result<HandlerVersion, StoreError> {
         self.inner
-            .put_handler_version(tenant, handler, component)
+            .put_handler_version(tenant, handler, component, quota)
             .await
+    }
+
+    async fn list_handlers(&self, tenant: &str) -> Result<Vec<HandlerSummary>, StoreError> {
+        self.inner.list_handlers(tenant).await
+    }
+
+    async fn delete_handler(&self, tenant: &str, handler: &str) -> Result<bool, StoreError> {
+        self.inner.delete_handler(tenant, handler).await
+    }
+
+    async fn tenant_usage(&self, tenant: &str) -> Result<TenantUsage, StoreError> {
+        self.inner.tenant_usage(tenant).await
     }
 
     async fn handler_version(
@@ -512,6 +526,38 @@ impl Store for FlakyStore {
         self.inner.list_handler_versions(tenant, handler).await
     }
 
+    async fn create_tenant(&self, tenant: &NewTenant) -> Result<Tenant, StoreError> {
+        self.inner.create_tenant(tenant).await
+    }
+
+    async fn tenant(&self, id: &str) -> Result<Option<Tenant>, StoreError> {
+        self.inner.tenant(id).await
+    }
+
+    async fn list_tenants(&self) -> Result<Vec<Tenant>, StoreError> {
+        self.inner.list_tenants().await
+    }
+
+    async fn delete_tenant(&self, id: &str) -> Result<bool, StoreError> {
+        self.inner.delete_tenant(id).await
+    }
+
+    async fn create_token(&self, token: &NewToken) -> Result<TokenRecord, StoreError> {
+        self.inner.create_token(token).await
+    }
+
+    async fn list_tokens(&self, tenant: &str) -> Result<Vec<TokenRecord>, StoreError> {
+        self.inner.list_tokens(tenant).await
+    }
+
+    async fn revoke_token(&self, tenant: &str, id: &str) -> Result<TokenRecord, StoreError> {
+        self.inner.revoke_token(tenant, id).await
+    }
+
+    async fn token_by_hash(&self, sha256: &str) -> Result<Option<TokenRecord>, StoreError> {
+        self.inner.token_by_hash(sha256).await
+    }
+
     async fn put_binding(
         &self,
         id: &str,
@@ -546,6 +592,15 @@ impl Store for FlakyStore {
         name: &str,
     ) -> Result<Option<Vec<u8>>, StoreError> {
         self.inner.state_get(tenant, handler, key, name).await
+    }
+
+    async fn state_list(
+        &self,
+        tenant: &str,
+        handler: &str,
+        key: &[u8],
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.inner.state_list(tenant, handler, key).await
     }
 
     async fn commit(&self, batch: &[Completion]) -> Result<Vec<CommitOutcome>, StoreError> {
@@ -595,6 +650,19 @@ impl Store for FlakyStore {
 
     async fn dlq_insert(&self, entry: &DlqEntryInsert) -> Result<i64, StoreError> {
         self.inner.dlq_insert(entry).await
+    }
+
+    async fn dlq_replay(&self, tenant: &str, id: i64) -> Result<DlqEntry, StoreError> {
+        self.inner.dlq_replay(tenant, id).await
+    }
+
+    async fn dlq_claim_replays(
+        &self,
+        binding_id: &str,
+        limit: u32,
+        lease: Duration,
+    ) -> Result<Vec<DlqEntry>, StoreError> {
+        self.inner.dlq_claim_replays(binding_id, limit, lease).await
     }
 
     async fn dlq_get(&self, tenant: &str, id: i64) -> Result<Option<DlqEntry>, StoreError> {

@@ -1,5 +1,6 @@
 //! What the `weir serve` acceptance tests (`cable_cut.rs`, `scaling.rs`,
-//! `postgres_restart.rs`) share: a scenario — a fresh input topic, the `orders` handler
+//! `postgres_restart.rs`, and `hot_swap_replay.rs`, which produces its own orders after
+//! [`Scenario::deployed`]) share: a scenario — a fresh input topic, the `orders` handler
 //! deployed through the real binary, N orders over K customers produced to the real broker —,
 //! `weir serve` processes to start and kill, and the end-of-run check that every per-key
 //! counter is exact (0 lost, 0 doubled) and the outbox holds one record per message.
@@ -21,9 +22,15 @@ use weir_acceptance::{component, services, unique_name, weir_binary};
 pub struct Scenario {
     pub tenant: String,
     pub binding_id: String,
+    /// The topic the binding consumes.
+    pub input: String,
+    /// The topic `orders` emits its events to.
+    pub output: String,
     pub messages: usize,
     pub expected: HashMap<String, i64>,
     pub pool: sqlx::PgPool,
+    /// The store URL of this scenario (its own schema of the test database).
+    pub database_url: String,
     pub dir: tempfile::TempDir,
     env: Vec<(String, String)>,
 }
@@ -40,6 +47,42 @@ impl Scenario {
     /// Create the topic (`partitions`), deploy `orders`, produce `messages` orders over `keys`
     /// customers.
     pub async fn new(prefix: &str, partitions: i32, messages: usize, keys: usize) -> Self {
+        let mut scenario = Self::deployed(prefix, partitions).await;
+        scenario.produce(messages, keys).await;
+        scenario
+    }
+
+    /// Produce `count` more orders over `keys` customers (order numbers go on from those
+    /// produced before), adding them to what [`Self::verify`] expects.
+    pub async fn produce(&mut self, count: usize, keys: usize) {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &services().kafka)
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "20")
+            .create()
+            .unwrap();
+        let mut sends = Vec::with_capacity(count);
+        for i in self.messages..self.messages + count {
+            let customer = format!("c-{}", i % keys);
+            *self.expected.entry(customer.clone()).or_default() += 1;
+            let payload = format!(
+                r#"{{"order_id":"o-{i}","customer":"{customer}","amount_cents":{}}}"#,
+                100 + i
+            );
+            let record = FutureRecord::to(&self.input)
+                .key(&customer)
+                .payload(&payload);
+            sends.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+        }
+        for send in sends {
+            send.await.unwrap().map_err(|(e, _)| e).unwrap();
+        }
+        self.messages += count;
+    }
+
+    /// Create the topic (`partitions`) and deploy `orders` (version 1) to it, producing
+    /// nothing: the caller produces and fills in `messages` and `expected`.
+    pub async fn deployed(prefix: &str, partitions: i32) -> Self {
         let services = services();
         let input = unique_name(prefix);
         let output = format!("{input}.accepted");
@@ -62,8 +105,21 @@ impl Scenario {
             result.unwrap();
         }
         let tenant = unique_name("t");
+        // A schema of its own: the hosts of this scenario run only its binding, not every
+        // binding earlier tests left in the shared database.
+        let schema = unique_name("scenario");
+        let shared = sqlx::PgPool::connect(&services.database_url).await.unwrap();
+        // `unique_name` yields only [a-z0-9_], so splicing it into SQL is safe.
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+            .execute(&shared)
+            .await
+            .unwrap();
+        shared.close().await;
+        let base = &services.database_url;
+        let separator = if base.contains('?') { '&' } else { '?' };
+        let database_url = format!("{base}{separator}options=-c%20search_path%3D{schema}");
         let env = vec![
-            ("WEIR_STORE__URL".to_owned(), services.database_url.clone()),
+            ("WEIR_STORE__URL".to_owned(), database_url.clone()),
             (
                 "WEIR_KAFKA__BOOTSTRAP_SERVERS".to_owned(),
                 services.kafka.clone(),
@@ -77,9 +133,12 @@ impl Scenario {
         let scenario = Self {
             binding_id: format!("{tenant}.orders"),
             tenant,
-            messages,
+            input: input.clone(),
+            output: output.clone(),
+            messages: 0,
             expected: HashMap::new(),
-            pool: sqlx::PgPool::connect(&services.database_url).await.unwrap(),
+            pool: sqlx::PgPool::connect(&database_url).await.unwrap(),
+            database_url,
             dir: tempfile::tempdir().unwrap(),
             env,
         };
@@ -111,32 +170,7 @@ impl Scenario {
             "deploy failed: {}",
             String::from_utf8_lossy(&deploy.stderr)
         );
-
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", &services.kafka)
-            .set("enable.idempotence", "true")
-            .set("linger.ms", "20")
-            .create()
-            .unwrap();
-        let mut expected: HashMap<String, i64> = HashMap::new();
-        let mut sends = Vec::with_capacity(messages);
-        for i in 0..messages {
-            let customer = format!("c-{}", i % keys);
-            *expected.entry(customer.clone()).or_default() += 1;
-            let payload = format!(
-                r#"{{"order_id":"o-{i}","customer":"{customer}","amount_cents":{}}}"#,
-                100 + i
-            );
-            let record = FutureRecord::to(&input).key(&customer).payload(&payload);
-            sends.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
-        }
-        for send in sends {
-            send.await.unwrap().map_err(|(e, _)| e).unwrap();
-        }
-        Self {
-            expected,
-            ..scenario
-        }
+        scenario
     }
 
     /// Set an environment variable for every host started from now on (a `WEIR_*` setting).

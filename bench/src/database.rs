@@ -1,0 +1,216 @@
+//! The benchmark's corner of PostgreSQL: a fresh schema per run, and the queries the phases
+//! read their results with.
+//!
+//! Owns the schema's life (created at the start, dropped with everything in it at the end),
+//! the store URL that points Weir at it (`search_path`), the baseline's table
+//! (`seed_processed_keys`, the shape of Weir's processed keys), and the read-only queries on
+//! `processed_keys` that tell when a phase is done and when each message committed. A schema of
+//! its own keeps the run apart from whatever else the database holds: the host started by the
+//! benchmark reconciles *every* binding of its store, and the tests leave bindings behind.
+//!
+//! Knows nothing of Kafka or of how Weir writes the rows; it only reads them.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde::Serialize;
+use sqlx::Connection as _;
+use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
+use weir::config::redact_url;
+use weir_acceptance::unique_name;
+
+/// How long a query waits for a pooled connection.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The run's schema.
+pub struct BenchSchema {
+    /// Schema name: only `[a-z0-9_]`, so it can be spliced into SQL.
+    pub name: String,
+    /// The store URL with `search_path` set to the schema.
+    pub url: String,
+    /// Connections on the server's default `search_path`, for `CREATE` / `DROP SCHEMA`.
+    admin: PgPool,
+    /// Connections inside the schema, for the queries on processed keys.
+    pool: PgPool,
+}
+
+/// Server settings that change what the figures mean.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerSettings {
+    /// `server_version`.
+    pub version: String,
+    /// `fsync`: off on `tests/services`, so a commit costs no disk flush.
+    pub fsync: String,
+    /// `synchronous_commit`.
+    pub synchronous_commit: String,
+    /// `track_commit_timestamp`: when on, latency uses the real commit time.
+    pub track_commit_timestamp: String,
+}
+
+impl BenchSchema {
+    /// Create a fresh schema and the baseline's table in it.
+    pub async fn create(base_url: &str) -> anyhow::Result<Self> {
+        let redacted = redact_url(base_url);
+        // One connection first: a pool would hide the cause (a wrong password, a refused
+        // connection) behind its time-out.
+        let probe = PgConnection::connect(base_url)
+            .await
+            .with_context(|| format!("cannot connect to PostgreSQL at {redacted}"))?;
+        let _ = probe.close().await;
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect(base_url)
+            .await
+            .with_context(|| format!("cannot connect to PostgreSQL at {redacted}"))?;
+        let name = unique_name("weir_bench");
+        // `unique_name` yields only [a-z0-9_]: splicing it into SQL is safe.
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {name}")))
+            .execute(&admin)
+            .await
+            .with_context(|| format!("cannot create schema {name} in {redacted}"))?;
+        let separator = if base_url.contains('?') { '&' } else { '?' };
+        let url = format!("{base_url}{separator}options=-c%20search_path%3D{name}");
+        let schema = async {
+            let pool = PgPoolOptions::new()
+                .max_connections(2)
+                .acquire_timeout(ACQUIRE_TIMEOUT)
+                .connect(&url)
+                .await
+                .context("cannot connect to the benchmark schema")?;
+            sqlx::query(
+                "CREATE TABLE seed_processed_keys (\
+                     binding_id   text        NOT NULL, \
+                     message_id   text        NOT NULL, \
+                     processed_at timestamptz NOT NULL DEFAULT now(), \
+                     PRIMARY KEY (binding_id, message_id))",
+            )
+            .execute(&pool)
+            .await
+            .context("cannot create the baseline's table")?;
+            Ok::<_, anyhow::Error>(pool)
+        }
+        .await;
+        match schema {
+            Ok(pool) => Ok(Self {
+                name,
+                url,
+                admin,
+                pool,
+            }),
+            Err(e) => {
+                let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP SCHEMA IF EXISTS {name} CASCADE"
+                )))
+                .execute(&admin)
+                .await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Drop the schema and everything in it.
+    pub async fn drop(self) -> anyhow::Result<()> {
+        self.pool.close().await;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP SCHEMA {} CASCADE",
+            self.name
+        )))
+        .execute(&self.admin)
+        .await
+        .with_context(|| format!("cannot drop schema {}", self.name))?;
+        self.admin.close().await;
+        Ok(())
+    }
+
+    /// The server settings that change what the figures mean.
+    pub async fn settings(&self) -> anyhow::Result<ServerSettings> {
+        let (version, fsync, synchronous_commit, track_commit_timestamp): (
+            String,
+            String,
+            String,
+            String,
+        ) = sqlx::query_as(
+            "SELECT current_setting('server_version'), current_setting('fsync'), \
+                    current_setting('synchronous_commit'), \
+                    current_setting('track_commit_timestamp')",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .context("cannot read the PostgreSQL server's settings")?;
+        Ok(ServerSettings {
+            version,
+            fsync,
+            synchronous_commit,
+            track_commit_timestamp,
+        })
+    }
+
+    /// Whether `binding` has committed any message yet.
+    pub async fn any_committed(&self, binding: &str) -> anyhow::Result<bool> {
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM processed_keys WHERE binding_id = $1)")
+            .bind(binding)
+            .fetch_one(&self.pool)
+            .await
+            .context("cannot read processed keys")
+    }
+
+    /// How many of `message_ids` `binding` has committed.
+    pub async fn committed_among(
+        &self,
+        binding: &str,
+        message_ids: &[String],
+    ) -> anyhow::Result<i64> {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM processed_keys WHERE binding_id = $1 AND message_id = ANY($2)",
+        )
+        .bind(binding)
+        .bind(message_ids)
+        .fetch_one(&self.pool)
+        .await
+        .context("cannot read processed keys")
+    }
+
+    /// How many messages `binding` has committed whose id starts with `prefix` (all: `""`).
+    pub async fn committed(&self, binding: &str, prefix: &str) -> anyhow::Result<i64> {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM processed_keys \
+             WHERE binding_id = $1 AND starts_with(message_id, $2)",
+        )
+        .bind(binding)
+        .bind(prefix)
+        .fetch_one(&self.pool)
+        .await
+        .context("cannot read processed keys")
+    }
+
+    /// The message id and commit time (microseconds since the Unix epoch, server clock) of
+    /// every message of `binding` whose id starts with `prefix`.
+    ///
+    /// The commit time is the transaction's commit timestamp when the server tracks them
+    /// (`track_commit_timestamp = on`), else `processed_at`: the store sets it to `now()`,
+    /// which is the *start* of the group-commit transaction — earlier than its commit by the
+    /// time the transaction took.
+    pub async fn commit_times(
+        &self,
+        binding: &str,
+        prefix: &str,
+        commit_timestamps: bool,
+    ) -> anyhow::Result<Vec<(String, i64)>> {
+        let query = if commit_timestamps {
+            "SELECT message_id, \
+                    (extract(epoch FROM coalesce(pg_xact_commit_timestamp(xmin), processed_at)) \
+                     * 1000000)::bigint \
+             FROM processed_keys WHERE binding_id = $1 AND starts_with(message_id, $2)"
+        } else {
+            "SELECT message_id, (extract(epoch FROM processed_at) * 1000000)::bigint \
+             FROM processed_keys WHERE binding_id = $1 AND starts_with(message_id, $2)"
+        };
+        sqlx::query_as(query)
+            .bind(binding)
+            .bind(prefix)
+            .fetch_all(&self.pool)
+            .await
+            .context("cannot read the commit times of processed keys")
+    }
+}

@@ -1,0 +1,248 @@
+//! Weir under test, run the way production runs it: [`weir::serve::serve`] in this process,
+//! with the handler and its binding put in the store through the store API, as
+//! `weir handler deploy` does (version, activation, binding).
+//!
+//! Owns the host's configuration for the run (the defaults, or `WEIR_*` overrides from the
+//! environment, pointed at the run's broker and schema), deploying and removing the run's
+//! bindings, starting and stopping the host, and the **weir** throughput phase: waiting until
+//! the store holds a processed key for every message of the topic. Nothing of the host is
+//! tuned here; the report shows the pipeline settings in force.
+//!
+//! Knows nothing of the host's insides: it sees only what a user sees, the store and Kafka.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, anyhow, bail};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use weir::config::WeirConfig;
+use weir::pipeline::BindingSpec;
+use weir::runtime::{Runtime, RuntimeConfig};
+use weir::serve::ServeError;
+use weir::store::Quota;
+
+use crate::Bench;
+use crate::kafka::STALL_TIMEOUT;
+use crate::report::PhaseFigures;
+
+/// Handler name of the no-op component in the store.
+const HANDLER: &str = "noop";
+/// How often the throughput phase asks the store whether the last messages committed.
+const PROBE_EVERY: Duration = Duration::from_millis(10);
+/// How often the throughput phase counts every processed key, to see progress.
+const COUNT_EVERY: Duration = Duration::from_secs(5);
+/// Longest wait for the host to drain and stop.
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Validate and compile `component` in a runtime like the host's, so that a bad file fails the
+/// run at once rather than as a binding that never starts.
+pub fn check_component(component: &[u8]) -> anyhow::Result<()> {
+    let runtime = Runtime::new(RuntimeConfig {
+        // Loading compiles; it instantiates nothing, so one slot is enough.
+        pool_instances: 1,
+        ..RuntimeConfig::default()
+    })
+    .context("cannot start the wasm runtime")?;
+    runtime.load(component)?;
+    Ok(())
+}
+
+/// The host's configuration: every default (or a `WEIR_*` override from the environment),
+/// with the run's broker and store, and the health endpoint on a free loopback port.
+pub fn config(kafka: &str, store_url: &str) -> anyhow::Result<WeirConfig> {
+    let mut config =
+        WeirConfig::load(None, std::env::vars()).context("invalid WEIR_* environment")?;
+    config.store.url = store_url.to_owned();
+    config.kafka.bootstrap_servers = kafka.to_owned();
+    config.server.listen = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+    config
+        .validate()
+        .context("invalid host configuration for the benchmark")?;
+    Ok(config)
+}
+
+/// A binding the run deployed.
+pub struct Deployment {
+    /// Binding id: the first half of its processed keys.
+    pub binding_id: String,
+}
+
+/// Put the component in the store as the active version of the run's handler, and bind it to
+/// `topic` under `binding_id` with every default but a consumer group of its own.
+pub async fn deploy(
+    config: &WeirConfig,
+    bench: &Bench,
+    binding_id: &str,
+    topic: &str,
+) -> anyhow::Result<Deployment> {
+    let store = config
+        .store
+        .connect()
+        .await
+        .with_context(|| format!("cannot open the store at {}", config.store.redacted_url()))?;
+    let deployed = async {
+        let version = store
+            .put_handler_version(&bench.tenant, HANDLER, &bench.component, &Quota::default())
+            .await?;
+        store
+            .activate(&bench.tenant, HANDLER, version.version)
+            .await?;
+        let mut spec = BindingSpec::new(&bench.tenant, HANDLER, vec![topic.to_owned()]);
+        spec.group_id = Some(format!("weir.{binding_id}"));
+        spec.validate()?;
+        let spec = serde_json::to_value(&spec)?;
+        store
+            .put_binding(binding_id, &bench.tenant, HANDLER, &spec)
+            .await?;
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    store.close().await;
+    deployed.with_context(|| format!("cannot deploy binding {binding_id}"))?;
+    Ok(Deployment {
+        binding_id: binding_id.to_owned(),
+    })
+}
+
+impl Deployment {
+    /// Delete the binding (its processed keys stay), so that the next host does not run it.
+    pub async fn remove(self, config: &WeirConfig) -> anyhow::Result<()> {
+        let store = config.store.connect().await?;
+        let deleted = store.delete_binding(&self.binding_id).await;
+        store.close().await;
+        deleted.with_context(|| format!("cannot delete binding {}", self.binding_id))?;
+        Ok(())
+    }
+}
+
+/// A running host.
+pub struct Host {
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), ServeError>>,
+}
+
+impl Host {
+    /// Start `weir serve` in this process.
+    pub fn start(config: &WeirConfig) -> Self {
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(weir::serve::serve(config.clone(), shutdown.clone()));
+        Self { shutdown, task }
+    }
+
+    /// An error if the host has stopped by itself.
+    pub async fn check(&mut self) -> anyhow::Result<()> {
+        if !self.task.is_finished() {
+            return Ok(());
+        }
+        match (&mut self.task).await {
+            Ok(Ok(())) => bail!("weir serve stopped by itself"),
+            Ok(Err(e)) => Err(anyhow!(e).context("weir serve failed")),
+            Err(e) => Err(anyhow!(e).context("weir serve panicked")),
+        }
+    }
+
+    /// Drain and stop the host.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.check().await?;
+        self.shutdown.cancel();
+        match tokio::time::timeout(STOP_TIMEOUT, &mut self.task).await {
+            Err(_) => {
+                self.task.abort();
+                bail!("weir serve did not stop within {STOP_TIMEOUT:?}")
+            }
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(anyhow!(e).context("weir serve failed")),
+            Ok(Err(e)) => Err(anyhow!(e).context("weir serve panicked")),
+        }
+    }
+}
+
+/// The weir phase: deploy a binding of the no-op handler to `topic`, start the host, and time
+/// it until every one of `messages` messages has a processed key. `last_ids` are the ids of
+/// the last message of each partition (see [`crate::kafka::Fill`]).
+pub async fn throughput(
+    config: &WeirConfig,
+    bench: &Bench,
+    topic: &str,
+    last_ids: &[String],
+    messages: u64,
+) -> anyhow::Result<PhaseFigures> {
+    let deployment = deploy(
+        config,
+        bench,
+        &format!("{}.throughput", bench.tenant),
+        topic,
+    )
+    .await?;
+    let start = Instant::now();
+    let mut host = Host::start(config);
+    let measured = wait_for_all(&mut host, bench, &deployment, last_ids, messages, start).await;
+    let stopped = host.stop().await;
+    let removed = deployment.remove(config).await;
+    let figures = measured?;
+    stopped?;
+    removed?;
+    Ok(figures)
+}
+
+async fn wait_for_all(
+    host: &mut Host,
+    bench: &Bench,
+    deployment: &Deployment,
+    last_ids: &[String],
+    messages: u64,
+    start: Instant,
+) -> anyhow::Result<PhaseFigures> {
+    let binding = deployment.binding_id.as_str();
+    let schema = &bench.schema;
+    let expected = i64::try_from(messages).context("too many messages")?;
+    let tails = i64::try_from(last_ids.len()).context("too many partitions")?;
+    let mut first: Option<Instant> = None;
+    let mut counted = 0;
+    let mut counted_at = start;
+    let mut progress_at = start;
+    loop {
+        tokio::time::sleep(PROBE_EVERY).await;
+        host.check().await?;
+        if first.is_none() {
+            if schema.any_committed(binding).await? {
+                first = Some(Instant::now());
+            } else if start.elapsed() > STALL_TIMEOUT {
+                bail!(
+                    "weir: no message committed within {STALL_TIMEOUT:?} of starting the host \
+                     (set WEIR_LOG=info to see the host's log)"
+                );
+            }
+            continue;
+        }
+        if schema.committed_among(binding, last_ids).await? == tails {
+            let all = schema.committed(binding, "").await?;
+            if all >= expected {
+                let end = Instant::now();
+                if all > expected {
+                    bail!("weir: {all} processed keys for {expected} messages");
+                }
+                let first = first.unwrap_or(start);
+                return Ok(PhaseFigures::new(
+                    messages,
+                    Some(first.duration_since(start).as_secs_f64()),
+                    end.duration_since(first).as_secs_f64(),
+                ));
+            }
+        }
+        if counted_at.elapsed() >= COUNT_EVERY {
+            let now = schema.committed(binding, "").await?;
+            counted_at = Instant::now();
+            if now > counted {
+                counted = now;
+                progress_at = counted_at;
+            } else if progress_at.elapsed() > STALL_TIMEOUT {
+                bail!(
+                    "weir: no progress for {STALL_TIMEOUT:?}: {counted} of {expected} messages \
+                     committed"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,310 @@
+//! The **latency** phase: produce → effects-committed latency at a fixed offered rate.
+//!
+//! A binding of the no-op handler to a fresh topic, a host started for it, and — once a
+//! warm-up message has gone through every partition, so that neither the group join nor the
+//! first compilation is measured — `--rate` messages per second for `--latency-secs` seconds.
+//! Every message carries a `message-id` header `lat-<µs>-<n>`: its scheduled send time in
+//! microseconds since the Unix epoch, and its sequence number. Weir records that id as the
+//! message's processed key, so afterwards the store says when each message committed, and the
+//! difference is the latency (same machine, same clock).
+//!
+//! Pacing is open-loop: message `n` is due at `start + n / rate`, is stamped with that time,
+//! and is sent as soon as the clock reaches it; a sender that falls behind does not hide the
+//! delay from the figures (the largest lag is reported). The producer sends at once
+//! (`linger.ms=0`), so its batching adds nothing.
+//!
+//! The commit time is the transaction's commit timestamp when PostgreSQL tracks them
+//! (`track_commit_timestamp`), else the processed key's `processed_at`, which is `now()` of the
+//! group-commit transaction — its *start* — so the figures are short by the time the
+//! transaction took. The report names the signal used.
+//!
+//! Owns the paced producer and the percentiles; the host and the queries are borrowed from
+//! `host.rs` and `database.rs`.
+
+use std::fmt;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, bail};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
+use serde::Serialize;
+use weir::config::WeirConfig;
+
+use crate::database::ServerSettings;
+use crate::host::{self, Host};
+use crate::kafka::{self, Deliveries, STALL_TIMEOUT};
+use crate::{Bench, Plan};
+
+/// Prefix of the measured messages' ids.
+const MEASURED: &str = "lat-";
+/// Prefix of the warm-up messages' ids.
+const WARMUP: &str = "warmup-";
+/// How long one warm-up round waits for its messages before sending another.
+const WARMUP_ROUND: Duration = Duration::from_secs(2);
+/// How often the phase asks the store how far the host got.
+const POLL_EVERY: Duration = Duration::from_millis(50);
+
+/// What the latency phase measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct LatencyFigures {
+    /// Offered rate, messages per second.
+    pub offered_rate: u64,
+    /// How long messages were offered, seconds.
+    pub seconds: u64,
+    /// Messages offered (and committed: the phase fails otherwise).
+    pub messages: u64,
+    /// Seconds from starting the host until the warm-up went through every partition.
+    pub warmup_seconds: f64,
+    /// Largest delay of a send behind its schedule, milliseconds.
+    pub pacing_lag_max_ms: f64,
+    /// What the commit time is: `"commit timestamp"` or `"processed_at (transaction start)"`.
+    pub commit_time: &'static str,
+    /// Latency percentiles, milliseconds.
+    pub min_ms: f64,
+    /// Median.
+    pub p50_ms: f64,
+    /// 95th percentile.
+    pub p95_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// Largest.
+    pub max_ms: f64,
+}
+
+impl fmt::Display for LatencyFigures {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} messages at {} msg/s: p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            self.messages, self.offered_rate, self.p50_ms, self.p95_ms, self.p99_ms, self.max_ms
+        )
+    }
+}
+
+/// Run the phase on `topic` (created, empty).
+pub async fn run(
+    config: &WeirConfig,
+    bench: &Bench,
+    topic: &str,
+    plan: &Plan,
+    settings: &ServerSettings,
+) -> anyhow::Result<LatencyFigures> {
+    let deployment =
+        host::deploy(config, bench, &format!("{}.latency", bench.tenant), topic).await?;
+    let producer = kafka::producer(&bench.kafka, &[("linger.ms", "0")])?;
+    let start = Instant::now();
+    let mut host = Host::start(config);
+    let measured = measure(
+        &mut host,
+        bench,
+        &producer,
+        &deployment.binding_id,
+        topic,
+        plan,
+        settings,
+        start,
+    )
+    .await;
+    let stopped = host.stop().await;
+    let removed = deployment.remove(config).await;
+    let figures = measured?;
+    stopped?;
+    removed?;
+    Ok(figures)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn measure(
+    host: &mut Host,
+    bench: &Bench,
+    producer: &BaseProducer<Deliveries>,
+    binding: &str,
+    topic: &str,
+    plan: &Plan,
+    settings: &ServerSettings,
+    start: Instant,
+) -> anyhow::Result<LatencyFigures> {
+    // Warm up: one message per partition per round, until a round has gone through.
+    let mut warm = false;
+    let mut round = 0;
+    while !warm {
+        if start.elapsed() > STALL_TIMEOUT {
+            bail!(
+                "latency: the warm-up did not go through within {STALL_TIMEOUT:?} of starting \
+                 the host (set WEIR_LOG=info to see the host's log)"
+            );
+        }
+        host.check().await?;
+        let ids: Vec<String> = (0..plan.partitions)
+            .map(|p| format!("{WARMUP}{round}-{p}"))
+            .collect();
+        for (partition, id) in (0..plan.partitions).zip(&ids) {
+            let headers = OwnedHeaders::new().insert(Header {
+                key: "message-id",
+                value: Some(id.as_str()),
+            });
+            kafka::send(
+                producer,
+                BaseRecord::to(topic)
+                    .partition(partition)
+                    .key("warmup")
+                    .payload("warmup")
+                    .headers(headers),
+            )
+            .context("latency warm-up")?;
+        }
+        tokio::task::block_in_place(|| kafka::flush(producer, "latency warm-up"))?;
+        let sent = Instant::now();
+        let expected = i64::try_from(ids.len()).context("too many partitions")?;
+        while sent.elapsed() < WARMUP_ROUND {
+            tokio::time::sleep(POLL_EVERY).await;
+            if bench.schema.committed_among(binding, &ids).await? == expected {
+                warm = true;
+                break;
+            }
+        }
+        round += 1;
+    }
+    let warmup_seconds = start.elapsed().as_secs_f64();
+    let warmups = (round * plan.partitions) as u64;
+
+    // Offer the load.
+    let total = plan.rate * plan.latency_secs;
+    let lag = tokio::task::block_in_place(|| paced(producer, topic, plan))?;
+    producer.context().check(warmups + total, "latency")?;
+
+    // Wait until every measured message has committed.
+    let expected = i64::try_from(total).context("too many messages")?;
+    let mut committed = 0;
+    let mut progress_at = Instant::now();
+    while committed < expected {
+        tokio::time::sleep(POLL_EVERY).await;
+        host.check().await?;
+        let now = bench.schema.committed(binding, MEASURED).await?;
+        if now > committed {
+            committed = now;
+            progress_at = Instant::now();
+        } else if progress_at.elapsed() > STALL_TIMEOUT {
+            bail!(
+                "latency: no progress for {STALL_TIMEOUT:?}: {committed} of {expected} messages \
+                 committed"
+            );
+        }
+    }
+
+    let commit_timestamps = settings.track_commit_timestamp == "on";
+    let rows = bench
+        .schema
+        .commit_times(binding, MEASURED, commit_timestamps)
+        .await?;
+    let mut latencies = Vec::with_capacity(rows.len());
+    for (id, committed_us) in rows {
+        let sent_us = sent_micros(&id).with_context(|| format!("unexpected message id {id:?}"))?;
+        latencies.push(committed_us - sent_us);
+    }
+    latencies.sort_unstable();
+    let ms = |q: f64| percentile(&latencies, q).map_or(f64::NAN, |us| us as f64 / 1000.0);
+    Ok(LatencyFigures {
+        offered_rate: plan.rate,
+        seconds: plan.latency_secs,
+        messages: total,
+        warmup_seconds,
+        pacing_lag_max_ms: lag.as_secs_f64() * 1000.0,
+        commit_time: if commit_timestamps {
+            "commit timestamp"
+        } else {
+            "processed_at (transaction start)"
+        },
+        min_ms: ms(0.0),
+        p50_ms: ms(0.50),
+        p95_ms: ms(0.95),
+        p99_ms: ms(0.99),
+        max_ms: ms(1.0),
+    })
+}
+
+/// Send `rate × latency_secs` messages at their scheduled times; the largest lag behind the
+/// schedule.
+fn paced(
+    producer: &BaseProducer<Deliveries>,
+    topic: &str,
+    plan: &Plan,
+) -> anyhow::Result<Duration> {
+    let total = plan.rate * plan.latency_secs;
+    let template = kafka::payload_template(plan.size);
+    let mut payload = Vec::with_capacity(plan.size);
+    let epoch_us = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .context("the clock is before 1970")?
+        .as_micros();
+    let start = Instant::now();
+    let mut lag = Duration::ZERO;
+    for n in 0..total {
+        let offset_us = u128::from(n) * 1_000_000 / u128::from(plan.rate);
+        let due = start + Duration::from_micros(u64::try_from(offset_us).unwrap_or(u64::MAX));
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        lag = lag.max(Instant::now().saturating_duration_since(due));
+        let id = format!("{MEASURED}{}-{n}", epoch_us + offset_us);
+        let key = format!("key-{}", n % plan.keys);
+        kafka::stamp_payload(&mut payload, &template, n);
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "message-id",
+            value: Some(id.as_str()),
+        });
+        kafka::send(
+            producer,
+            BaseRecord::to(topic)
+                .key(&key)
+                .payload(&payload)
+                .headers(headers),
+        )
+        .context("latency")?;
+        producer.poll(Duration::ZERO);
+    }
+    kafka::flush(producer, "latency")?;
+    Ok(lag)
+}
+
+/// The send time (µs since the epoch) encoded in a measured message's id, `lat-<µs>-<n>`.
+fn sent_micros(id: &str) -> Option<i64> {
+    id.strip_prefix(MEASURED)?.split('-').next()?.parse().ok()
+}
+
+/// The `q`-quantile (0 ≤ q ≤ 1) of sorted `values`, nearest rank.
+fn percentile(sorted: &[i64], q: f64) -> Option<i64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted.get(rank.clamp(1, sorted.len()) - 1).copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn send_times_come_back_out_of_ids() {
+        assert_eq!(
+            sent_micros("lat-1764189000123456-42"),
+            Some(1_764_189_000_123_456)
+        );
+        assert_eq!(sent_micros("warmup-0-3"), None);
+        assert_eq!(sent_micros("lat-x-1"), None);
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let values: Vec<i64> = (1..=100).collect();
+        assert_eq!(percentile(&values, 0.0), Some(1));
+        assert_eq!(percentile(&values, 0.5), Some(50));
+        assert_eq!(percentile(&values, 0.95), Some(95));
+        assert_eq!(percentile(&values, 0.99), Some(99));
+        assert_eq!(percentile(&values, 1.0), Some(100));
+        assert_eq!(percentile(&[7], 0.99), Some(7));
+        assert_eq!(percentile(&[], 0.5), None);
+    }
+}

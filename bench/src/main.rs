@@ -1,0 +1,377 @@
+//! `weir-bench`: Weir's side-by-side benchmark. One run, one real Kafka broker, one real
+//! PostgreSQL server, five phases:
+//!
+//! 1. **fill** — a fresh topic, `--messages` records of `--size` bytes over `--keys` keys,
+//!    produced with an idempotent producer;
+//! 2. **raw** — a bare librdkafka consumer drains that topic (the limit of the machine);
+//! 3. **weir** — Weir drains it end to end (`weir::serve::serve` in this process, a no-op
+//!    handler, key ordering, every processed key committed through the PostgreSQL store);
+//! 4. **seed** — the baseline algorithm written plainly: one transaction and one synchronous
+//!    offset commit per message, over a prefix of the topic;
+//! 5. **latency** — a second fresh topic fed at a fixed rate while Weir consumes it; produce →
+//!    effects-committed latency from the store's processed keys.
+//!
+//! It prints a table and the ratios (`--json`: every figure as one JSON document). `--smoke`
+//! runs tiny counts to prove the harness works; its timings mean nothing.
+//!
+//! This file owns the command line, the plan (counts and sizes), the order of the phases and
+//! the clean-up: every topic and the database schema the run created are removed at the end,
+//! on failure too, unless `--keep`. Each phase lives in a module of its own; none of them knows
+//! the others.
+
+mod database;
+mod host;
+mod kafka;
+mod latency;
+mod report;
+mod seed;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context as _, anyhow};
+use clap::Parser;
+use serde::Serialize;
+use weir_acceptance::{DATABASE_URL_ENV, KAFKA_ENV, unique_name};
+
+use crate::report::Report;
+
+/// Messages in the throughput topic by default.
+const DEFAULT_MESSAGES: u64 = 200_000;
+/// Payload size by default: 1 KiB, the size the invocation benchmark's middle row uses.
+const DEFAULT_SIZE: usize = 1024;
+/// Distinct message keys by default.
+const DEFAULT_KEYS: u64 = 10_000;
+/// Partitions of each topic by default.
+const DEFAULT_PARTITIONS: i32 = 12;
+/// Messages the per-message baseline handles by default: a prefix, because it is slow.
+const DEFAULT_SEED_MESSAGES: u64 = 5_000;
+/// Offered rate of the latency phase by default, messages per second.
+const DEFAULT_RATE: u64 = 2_000;
+/// Length of the latency phase by default, seconds.
+const DEFAULT_LATENCY_SECS: u64 = 10;
+
+/// `--smoke`: counts small enough that the whole run takes seconds.
+const SMOKE_MESSAGES: u64 = 2_000;
+const SMOKE_SEED_MESSAGES: u64 = 200;
+const SMOKE_RATE: u64 = 500;
+const SMOKE_LATENCY_SECS: u64 = 2;
+
+/// The component the benchmark deploys when `--component` is not given.
+const DEFAULT_COMPONENT: &str = "weir_fixture_checksum.wasm";
+
+/// Weir's side-by-side benchmark: raw Kafka consumption, Weir end to end, and the per-message
+/// baseline, against the same broker and database in one run; then Weir's latency at a fixed
+/// offered rate.
+#[derive(Debug, Parser)]
+#[command(name = "weir-bench", version)]
+struct Args {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = KAFKA_ENV, value_name = "HOST:PORT")]
+    kafka: Option<String>,
+    /// PostgreSQL URL. The run works in a schema of its own, dropped at the end.
+    #[arg(long, env = DATABASE_URL_ENV, value_name = "URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// The no-op handler component [default: <target>/wasm32-wasip2/release/weir_fixture_checksum.wasm,
+    /// built by `cargo build --release --target wasm32-wasip2 -p weir-fixture-checksum`].
+    #[arg(long, value_name = "PATH")]
+    component: Option<PathBuf>,
+    /// Messages in the throughput topic [default: 200000; smoke: 2000].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    messages: Option<u64>,
+    /// Payload bytes per message [default: 1024].
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    size: Option<u64>,
+    /// Distinct message keys [default: 10000].
+    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    keys: Option<u64>,
+    /// Partitions of each topic the run creates [default: 12].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..=1_000))]
+    partitions: Option<i32>,
+    /// Messages the per-message baseline handles, a prefix of the topic [default: 5000; smoke: 200].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    seed_messages: Option<u64>,
+    /// Offered rate of the latency phase, messages per second [default: 2000; smoke: 500].
+    #[arg(long, value_name = "MSG/S", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    rate: Option<u64>,
+    /// Length of the latency phase, seconds [default: 10; smoke: 2].
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=3_600))]
+    latency_secs: Option<u64>,
+    /// Tiny counts, to prove the harness works (CI); the timings mean nothing.
+    #[arg(long)]
+    smoke: bool,
+    /// Print every figure as one JSON document on stdout instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Keep the topics and the database schema the run created (for inspection).
+    #[arg(long)]
+    keep: bool,
+}
+
+/// What the run does: every count and size, resolved from the flags and `--smoke`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    /// Messages in the throughput topic.
+    pub messages: u64,
+    /// Payload bytes per message.
+    pub size: usize,
+    /// Distinct message keys.
+    pub keys: u64,
+    /// Partitions of each topic.
+    pub partitions: i32,
+    /// Messages the per-message baseline handles (at most `messages`).
+    pub seed_messages: u64,
+    /// Offered rate of the latency phase, messages per second.
+    pub rate: u64,
+    /// Length of the latency phase, seconds.
+    pub latency_secs: u64,
+    /// Whether this is a smoke run (timings not meaningful).
+    pub smoke: bool,
+}
+
+impl Plan {
+    fn from_args(args: &Args) -> Self {
+        let smoke = args.smoke;
+        let pick = |given: Option<u64>, smoke_value: u64, default: u64| {
+            given.unwrap_or(if smoke { smoke_value } else { default })
+        };
+        let messages = pick(args.messages, SMOKE_MESSAGES, DEFAULT_MESSAGES);
+        Self {
+            messages,
+            size: args.size.map_or(DEFAULT_SIZE, |size| {
+                usize::try_from(size).unwrap_or(DEFAULT_SIZE)
+            }),
+            keys: args.keys.unwrap_or(DEFAULT_KEYS),
+            partitions: args.partitions.unwrap_or(DEFAULT_PARTITIONS),
+            seed_messages: pick(
+                args.seed_messages,
+                SMOKE_SEED_MESSAGES,
+                DEFAULT_SEED_MESSAGES,
+            )
+            .min(messages),
+            rate: pick(args.rate, SMOKE_RATE, DEFAULT_RATE),
+            latency_secs: pick(args.latency_secs, SMOKE_LATENCY_SECS, DEFAULT_LATENCY_SECS),
+            smoke,
+        }
+    }
+}
+
+/// A progress line on stderr (stdout carries the result).
+pub fn progress(line: impl std::fmt::Display) {
+    eprintln!("weir-bench: {line}");
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("weir-bench: error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let json = args.json;
+    match runtime.block_on(run(args)) {
+        Ok(report) => {
+            if json {
+                match serde_json::to_string_pretty(&report) {
+                    Ok(text) => println!("{text}"),
+                    Err(e) => {
+                        eprintln!("weir-bench: error: cannot write the report as JSON: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            } else {
+                print!("{}", report.table());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("weir-bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Where the run talks to, and what it created (removed at the end).
+pub struct Bench {
+    /// Kafka bootstrap servers.
+    pub kafka: String,
+    /// The run's schema in PostgreSQL.
+    pub schema: database::BenchSchema,
+    /// Topic administration.
+    pub admin: kafka::Admin,
+    /// The handler component's bytes.
+    pub component: Vec<u8>,
+    /// Path of the component, for the report.
+    pub component_path: PathBuf,
+    /// Tenant owning the run's handler and bindings.
+    pub tenant: String,
+    /// Topics created so far.
+    pub topics: Vec<String>,
+}
+
+async fn run(args: Args) -> anyhow::Result<Report> {
+    let plan = Plan::from_args(&args);
+    let kafka = args
+        .kafka
+        .clone()
+        .filter(|k| !k.trim().is_empty())
+        .ok_or_else(|| {
+            anyhow!(
+                "no Kafka broker: pass --kafka HOST:PORT or set {KAFKA_ENV} \
+             (`tests/services up`, then `source <(tests/services env)`)"
+            )
+        })?;
+    let database_url = args
+        .database_url
+        .clone()
+        .filter(|u| !u.trim().is_empty())
+        .ok_or_else(|| {
+            anyhow!(
+                "no PostgreSQL server: pass --database-url URL or set {DATABASE_URL_ENV} \
+                 (`tests/services up`, then `source <(tests/services env)`)"
+            )
+        })?;
+    let component_path = args
+        .component
+        .clone()
+        .unwrap_or_else(|| weir_acceptance::components_dir().join(DEFAULT_COMPONENT));
+    let component = std::fs::read(&component_path).with_context(|| {
+        format!(
+            "cannot read the handler component {}; build it with `cargo build --release \
+             --target wasm32-wasip2 -p weir-fixture-checksum` or pass --component",
+            component_path.display()
+        )
+    })?;
+    host::check_component(&component)
+        .with_context(|| format!("{} is not a valid Weir handler", component_path.display()))?;
+
+    let admin = kafka::Admin::new(&kafka)?;
+    let schema = database::BenchSchema::create(&database_url).await?;
+    let mut bench = Bench {
+        kafka,
+        schema,
+        admin,
+        component,
+        component_path,
+        tenant: unique_name("bench"),
+        topics: Vec::new(),
+    };
+    let outcome = phases(&plan, &mut bench).await;
+
+    if args.keep {
+        progress(format_args!(
+            "kept topics {} and schema {}",
+            bench.topics.join(", "),
+            bench.schema.name
+        ));
+    } else {
+        if let Err(e) = bench.admin.delete_topics(&bench.topics).await {
+            progress(format_args!("warning: {e:#}"));
+        }
+        if let Err(e) = bench.schema.drop().await {
+            progress(format_args!("warning: {e:#}"));
+        }
+    }
+    outcome
+}
+
+async fn phases(plan: &Plan, bench: &mut Bench) -> anyhow::Result<Report> {
+    let settings = bench.schema.settings().await?;
+    let config = host::config(&bench.kafka, &bench.schema.url)?;
+    progress(format_args!(
+        "{} messages of {} B over {} keys, {} partitions; store schema {}{}",
+        plan.messages,
+        plan.size,
+        plan.keys,
+        plan.partitions,
+        bench.schema.name,
+        if plan.smoke {
+            " (smoke: timings not meaningful)"
+        } else {
+            ""
+        }
+    ));
+
+    let topic = unique_name("weir_bench");
+    bench.admin.create_topic(&topic, plan.partitions).await?;
+    bench.topics.push(topic.clone());
+    let fill = kafka::fill(&bench.kafka, &topic, plan).await?;
+    progress(format_args!("fill: {}", fill.figures));
+
+    let raw = kafka::drain(&bench.kafka, &topic, plan.messages).await?;
+    progress(format_args!("raw: {}", raw));
+
+    let weir = host::throughput(&config, bench, &topic, &fill.last_ids, plan.messages).await?;
+    progress(format_args!("weir: {}", weir));
+
+    let seed = seed::run(&bench.kafka, &topic, &bench.schema.url, plan.seed_messages).await?;
+    progress(format_args!("seed: {}", seed));
+
+    let latency_topic = unique_name("weir_bench_latency");
+    bench
+        .admin
+        .create_topic(&latency_topic, plan.partitions)
+        .await?;
+    bench.topics.push(latency_topic.clone());
+    let latency = latency::run(&config, bench, &latency_topic, plan, &settings).await?;
+    progress(format_args!("latency: {}", latency));
+
+    Ok(Report::new(
+        plan.clone(),
+        report::Environment {
+            kafka: bench.kafka.clone(),
+            store: config.store.redacted_url(),
+            postgres: settings,
+            pipeline: report::PipelineFigures::from(&config),
+            component: bench.component_path.display().to_string(),
+            topic,
+            latency_topic,
+        },
+        fill.figures,
+        raw,
+        weir,
+        seed,
+        latency,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Plan {
+        let mut argv = vec!["weir-bench"];
+        argv.extend_from_slice(args);
+        Plan::from_args(&Args::parse_from(argv))
+    }
+
+    #[test]
+    fn smoke_shrinks_the_counts_but_explicit_flags_win() {
+        let full = parse(&[]);
+        assert_eq!(full.messages, DEFAULT_MESSAGES);
+        assert_eq!(full.seed_messages, DEFAULT_SEED_MESSAGES);
+        let smoke = parse(&["--smoke"]);
+        assert_eq!(smoke.messages, SMOKE_MESSAGES);
+        assert_eq!(smoke.seed_messages, SMOKE_SEED_MESSAGES);
+        assert_eq!(smoke.rate, SMOKE_RATE);
+        assert_eq!(smoke.latency_secs, SMOKE_LATENCY_SECS);
+        assert_eq!(parse(&["--smoke", "--messages", "5000"]).messages, 5000);
+    }
+
+    #[test]
+    fn the_baseline_never_handles_more_than_the_topic_holds() {
+        assert_eq!(parse(&["--messages", "100"]).seed_messages, 100);
+    }
+}
