@@ -18,6 +18,31 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::Row;
 use weir_acceptance::{component, services, unique_name, weir_binary};
 
+/// A `weir serve` process, killed when dropped (a failed test leaves none behind).
+pub struct Host(pub Child);
+
+impl std::ops::Deref for Host {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Host {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// One run: a binding of `orders` to a fresh topic, its messages, and where to look.
 pub struct Scenario {
     pub tenant: String,
@@ -194,8 +219,9 @@ impl Scenario {
         self.dir.path().join(format!("serve-{n}.log"))
     }
 
-    /// Start `weir serve` number `n` (its log goes to [`Self::log`]).
-    pub fn start(&self, n: usize) -> Child {
+    /// Start `weir serve` number `n` (its log goes to [`Self::log`]). The process is killed if
+    /// the test ends (or fails) without stopping it.
+    pub fn start(&self, n: usize) -> Host {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -208,6 +234,7 @@ impl Scenario {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
+            .map(Host)
             .expect("start weir serve")
     }
 
