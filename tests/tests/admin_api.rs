@@ -974,6 +974,69 @@ async fn bad_input_gets_a_clear_error_and_leaves_no_residue() {
     assert_eq!((status, code(&value)), (StatusCode::NOT_FOUND, "no-route"));
 }
 
+/// A multipart/form-data body with one file part.
+fn multipart(part: &str, bytes: &[u8]) -> (String, Vec<u8>) {
+    let boundary = "weir-test-boundary-7d1f";
+    let mut body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"{part}\"; filename=\"h.wasm\"\r\nContent-Type: application/wasm\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(bytes);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_uploads_as_multipart_too() {
+    let api = Api::start().await;
+    let (acme, token) = api.tenant("acme", json!({})).await;
+    let path = format!("/v1/tenants/{acme}/handlers/echo/versions");
+    let bytes = std::fs::read(component("weir_handler_echo")).unwrap();
+    let (content_type, body) = multipart("component", &bytes);
+    let (status, value) = api
+        .raw(Method::POST, &path, &token, &content_type, body)
+        .await;
+    assert_eq!(
+        (status, value["version"].as_i64()),
+        (StatusCode::CREATED, Some(1)),
+        "{value}"
+    );
+    assert_eq!(value["size"].as_u64(), Some(bytes.len() as u64));
+    // The wrong part name, or not a component: refused, nothing stored.
+    let (content_type, body) = multipart("file", &bytes);
+    let (status, value) = api
+        .raw(Method::POST, &path, &token, &content_type, body)
+        .await;
+    assert_eq!(
+        (status, field(&value)),
+        (StatusCode::BAD_REQUEST, "component"),
+        "{value}"
+    );
+    let (content_type, body) = multipart("component", b"not wasm at all");
+    let (status, value) = api
+        .raw(
+            Method::POST,
+            &format!("/v1/tenants/{acme}/handlers/other/versions"),
+            &token,
+            &content_type,
+            body,
+        )
+        .await;
+    assert_eq!(
+        (status, code(&value)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "not-wasm")
+    );
+    let (_, list) = api
+        .call(
+            Method::GET,
+            &format!("/v1/tenants/{acme}/handlers"),
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_token_stops_working() {
     let api = Api::start().await;
