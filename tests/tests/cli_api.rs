@@ -363,6 +363,22 @@ async fn the_cli_drives_the_admin_api_end_to_end() {
     let listed = host.json(token, &["binding", "list"]);
     assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
 
+    // The binding's breaker: closed, forced open, reset.
+    let breaker = host.json(token, &["binding", "breaker", &binding_id]);
+    assert_eq!(
+        (&breaker["state"], &breaker["forced"]),
+        (&Value::from("closed"), &Value::from(false)),
+        "{breaker}"
+    );
+    let opened = host.json(token, &["binding", "breaker", &binding_id, "--open"]);
+    assert_eq!(
+        (&opened["state"], &opened["forced"]),
+        (&Value::from("open"), &Value::from(true)),
+        "{opened}"
+    );
+    let reset = host.json(token, &["binding", "breaker", &binding_id, "--reset"]);
+    assert_eq!(reset["state"], "closed", "{reset}");
+
     // Produce: a good order with a stable id, and a poison one from a file.
     let message_id = format!("{tenant}-m1");
     let produced = host.json(

@@ -14,9 +14,9 @@ use chrono::{DateTime, TimeZone, Utc};
 use serde_json::json;
 use weir::runtime::{Header, StateWrite};
 use weir::store::{
-    CommitOutcome, Completion, DlqEntryInsert, DlqErrorKind, DlqFilter, DlqState, NewTenant,
-    NewToken, OutboxInsert, OutboxState, Quota, Resolution, Store, StoreError, TenantUsage,
-    TokenRecord,
+    BreakerWrite, CommitOutcome, Completion, DlqEntryInsert, DlqErrorKind, DlqFilter, DlqState,
+    NewTenant, NewToken, OutboxInsert, OutboxState, Quota, Resolution, Store, StoreError,
+    TenantUsage, TokenRecord,
 };
 
 /// Bound on waits for a notification; generous, the two cores are shared with the compiler.
@@ -1754,6 +1754,75 @@ impl PgFixture {
 }
 
 /// An SQLite store in a fresh file.
+async fn breakers_are_shared_by_revision_and_deleted_with_their_binding(store: &dyn Store) {
+    assert_eq!(store.breaker_get(BINDING).await.unwrap(), None);
+    let before = Utc::now() - chrono::Duration::seconds(5);
+    let open = store
+        .breaker_set(
+            BINDING,
+            BreakerWrite::Open {
+                open_for: Duration::from_secs(60),
+                consecutive_failures: 5,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(open.open && !open.forced);
+    assert_eq!(open.revision, 1);
+    assert_eq!(open.consecutive_failures, Some(5));
+    let opened_at = open.opened_at.expect("opened_at");
+    let until = open.open_until.expect("open_until");
+    assert!(opened_at > before, "{opened_at} not after {before}");
+    let open_for = (until - opened_at).num_milliseconds();
+    assert!(
+        (59_000..=61_000).contains(&open_for),
+        "open for {open_for} ms"
+    );
+    assert_eq!(
+        store.breaker_get(BINDING).await.unwrap(),
+        Some(open.clone())
+    );
+
+    // Forcing an open breaker keeps when it opened and drops the time limit.
+    let forced = store
+        .breaker_set(BINDING, BreakerWrite::Forced)
+        .await
+        .unwrap();
+    assert!(forced.open && forced.forced);
+    assert_eq!(forced.revision, 2);
+    assert_eq!(forced.opened_at, Some(opened_at));
+    assert_eq!(forced.open_until, None);
+    assert_eq!(forced.consecutive_failures, Some(5));
+
+    // A reset closes it and clears the times.
+    let closed = store
+        .breaker_set(BINDING, BreakerWrite::Closed)
+        .await
+        .unwrap();
+    assert!(!closed.open && !closed.forced);
+    assert_eq!(closed.revision, 3);
+    assert_eq!((closed.opened_at, closed.open_until), (None, None));
+    assert_eq!(closed.consecutive_failures, None);
+    assert!(closed.updated_at >= forced.updated_at);
+
+    // Forcing a closed breaker opens it now, with no limit.
+    let forced = store
+        .breaker_set("other-binding", BreakerWrite::Forced)
+        .await
+        .unwrap();
+    assert!(forced.open && forced.forced && forced.opened_at.is_some());
+    assert_eq!((forced.revision, forced.open_until), (1, None));
+
+    // Deleting the binding forgets its breaker; other bindings keep theirs.
+    store
+        .put_binding(BINDING, TENANT, HANDLER, &json!({"topics": ["t"]}))
+        .await
+        .unwrap();
+    assert!(store.delete_binding(BINDING).await.unwrap());
+    assert_eq!(store.breaker_get(BINDING).await.unwrap(), None);
+    assert!(store.breaker_get("other-binding").await.unwrap().is_some());
+}
+
 async fn sqlite_store() -> (tempfile::TempDir, Arc<dyn Store>) {
     let dir = tempfile::tempdir().expect("temporary directory");
     let url = format!("sqlite://{}", dir.path().join("weir.db").display());
@@ -1805,6 +1874,7 @@ contract!(
     tokens_are_found_by_hash_and_revoked_by_their_tenant,
     state_list_returns_the_values_of_one_key_by_name,
     dlq_replays_are_claimed_with_a_lease_and_marked_by_the_commit,
+    breakers_are_shared_by_revision_and_deleted_with_their_binding,
 );
 
 // ---- engine-specific --------------------------------------------------------------------------

@@ -7,6 +7,8 @@
 //!   attempt (any other `fail` value is a permanent error, so a typo cannot pass as success);
 //! * `"fail_until_attempt": N` → retryable error while the attempt is below `N`, success from
 //!   attempt `N` on;
+//! * `"fail_while_state": "<name>"` → retryable error while keyed state `<name>` exists under
+//!   the message key: a dependency that is down until someone (a test) deletes that state;
 //! * anything else → success.
 //!
 //! On success it increments the keyed-state counter `handled` (a JSON number) when the
@@ -31,6 +33,13 @@ fn handle(message: Message) -> Result<(), Error> {
             )));
         }
         Some(mode) => return Err(Error::permanent(format!("flaky: unknown fail mode {mode}"))),
+    }
+    if let Some(name) = instructions.get("fail_while_state").and_then(Value::as_str)
+        && state::get(name)?.is_some()
+    {
+        return Err(Error::retryable(format!(
+            "flaky: dependency {name} is down, attempt {attempt}"
+        )));
     }
     if let Some(until) = instructions
         .get("fail_until_attempt")

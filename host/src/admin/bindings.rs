@@ -100,7 +100,11 @@ async fn read_binding(
     Ok((id, spec))
 }
 
-async fn owned(state: &AdminState, tenant: &str, id: &str) -> Result<BindingRecord, ApiError> {
+pub(super) async fn owned(
+    state: &AdminState,
+    tenant: &str,
+    id: &str,
+) -> Result<BindingRecord, ApiError> {
     match state.store.binding(id).await? {
         Some(record) if record.tenant == tenant => Ok(record),
         _ => Err(ApiError::not_found(format!("binding {id}"))),

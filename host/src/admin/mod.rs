@@ -1,6 +1,6 @@
-//! The admin HTTP API under `/v1`: tenants and tokens, handlers and their versions, bindings,
-//! the DLQ, keyed state for debugging, and the ingest endpoint — with one error shape
-//! ([`error::ErrorBody`]) and an OpenAPI 3 document generated from these handlers
+//! The admin HTTP API under `/v1`: tenants and tokens, handlers and their versions, bindings
+//! and their breakers, the DLQ, keyed state for debugging, and the ingest endpoint — with one
+//! error shape ([`error::ErrorBody`]) and an OpenAPI 3 document generated from these handlers
 //! (`GET /v1/openapi.json`).
 //!
 //! Owns authentication and the tenancy rules ([`auth`]): a tenant token sees only its own
@@ -11,6 +11,7 @@
 
 pub mod auth;
 pub mod bindings;
+pub mod breaker;
 pub mod dlq;
 pub mod error;
 pub mod handlers;
@@ -68,7 +69,8 @@ impl AdminState {
         handlers::upload_version, handlers::list_handlers, handlers::get_handler,
         handlers::delete_handler, handlers::activate, handlers::rollback, dlq::state,
         bindings::create_binding, bindings::list_bindings, bindings::get_binding,
-        bindings::put_binding, bindings::delete_binding,
+        bindings::put_binding, bindings::delete_binding, breaker::get_breaker,
+        breaker::reset_breaker, breaker::open_breaker,
         dlq::list, dlq::show, dlq::replay_one, dlq::discard_one, dlq::replay_many,
         dlq::discard_many,
         ingest::ingest, ingest::message_status,
@@ -154,6 +156,18 @@ pub fn router(state: Arc<AdminState>) -> Router {
             get(bindings::get_binding)
                 .put(bindings::put_binding)
                 .delete(bindings::delete_binding),
+        )
+        .route(
+            &format!("{t}/bindings/{{id}}/breaker"),
+            get(breaker::get_breaker),
+        )
+        .route(
+            &format!("{t}/bindings/{{id}}/breaker/reset"),
+            post(breaker::reset_breaker),
+        )
+        .route(
+            &format!("{t}/bindings/{{id}}/breaker/open"),
+            post(breaker::open_breaker),
         )
         .route(&format!("{t}/dlq"), get(dlq::list))
         .route(&format!("{t}/dlq/replay"), post(dlq::replay_many))

@@ -1,4 +1,4 @@
-//! `weir binding list|show|create|update|delete`: bindings, through the admin API — and
+//! `weir binding list|show|create|update|delete|breaker`: bindings, through the admin API — and
 //! `weir binding list` straight from a store, as before the API existed, when one is configured
 //! (see [`super::api::store_direct`]). Also the binding flags `weir handler deploy` shares
 //! ([`BindingFlags`]).
@@ -23,6 +23,7 @@ use super::common::{
     ConfigFileArg, Failure, async_runtime, load_config, or_dash, parse_pair, print, table,
 };
 use crate::admin::bindings::BindingView;
+use crate::admin::breaker::BreakerView;
 use crate::pipeline::{BindingSpec, Ordering};
 use crate::store::BindingRecord;
 
@@ -45,6 +46,26 @@ pub enum BindingCommand {
     Update(UpdateArgs),
     /// Delete a binding (its processed keys and DLQ entries stay).
     Delete(DeleteArgs),
+    /// Show a binding's circuit breaker; `--reset` closes it, `--open` forces it open until
+    /// reset (every host pauses or resumes the binding within about a second).
+    Breaker(BreakerArgs),
+}
+
+/// Flags of `weir binding breaker`.
+#[derive(Debug, Args)]
+pub struct BreakerArgs {
+    /// Binding id.
+    pub id: String,
+    /// Close the breaker (a forced one too): consumption resumes.
+    #[arg(long, conflicts_with = "open")]
+    pub reset: bool,
+    /// Force the breaker open until `--reset`: consumption pauses, nothing is spent.
+    #[arg(long)]
+    pub open: bool,
+    #[command(flatten)]
+    pub tenant: TenantArg,
+    #[command(flatten)]
+    pub api: ApiArgs,
 }
 
 /// A binding's policy as flags: shared by `weir binding create|update` and
@@ -228,6 +249,7 @@ pub fn run(command: BindingCommand) -> u8 {
         BindingCommand::Show(a) | BindingCommand::Delete(a) => a.api.output,
         BindingCommand::Create(a) => a.api.output,
         BindingCommand::Update(a) => a.api.output,
+        BindingCommand::Breaker(a) => a.api.output,
     };
     let result = match command {
         BindingCommand::List(args) => list(&args),
@@ -273,8 +295,48 @@ pub fn run(command: BindingCommand) -> u8 {
                 |_| format!("binding {} deleted\n", args.id),
             ))
         }),
+        BindingCommand::Breaker(args) => Client::new(&args.api.server).and_then(|client| {
+            let tenant = client.tenant(args.tenant.tenant.as_deref())?;
+            let path = format!("{}/breaker", binding_path(&tenant, &args.id));
+            let view: BreakerView = if args.reset {
+                client.call(Method::POST, &format!("{path}/reset"), NO_BODY)?
+            } else if args.open {
+                client.call(Method::POST, &format!("{path}/open"), NO_BODY)?
+            } else {
+                client.get(&path)?
+            };
+            Ok(print(output, &view, breaker_human))
+        }),
     };
     result.unwrap_or_else(|failure| failure.report(output))
+}
+
+/// A breaker, for people.
+fn breaker_human(v: &BreakerView) -> String {
+    let time = |t: Option<chrono::DateTime<chrono::Utc>>| {
+        t.map_or_else(
+            || "-".to_owned(),
+            |t| t.format("%Y-%m-%d %H:%M:%S%.3fZ").to_string(),
+        )
+    };
+    let mut out = String::new();
+    let state = v.state.as_str();
+    let forced = if v.forced {
+        " (forced until reset)"
+    } else {
+        ""
+    };
+    let _ = writeln!(out, "binding   {}", v.binding_id);
+    let _ = writeln!(out, "state     {state}{forced}");
+    let _ = writeln!(out, "failures  {}", or_dash(v.consecutive_failures));
+    let _ = writeln!(out, "opened    {}", time(v.opened_at));
+    let _ = writeln!(out, "until     {}", time(v.until));
+    let _ = writeln!(
+        out,
+        "policy    failure_threshold {}, success_threshold {}, open_for_ms {}",
+        v.policy.failure_threshold, v.policy.success_threshold, v.policy.open_for_ms
+    );
+    out
 }
 
 fn binding_path(tenant: &str, id: &str) -> String {
@@ -405,6 +467,11 @@ pub fn binding_human(v: &BindingView) -> String {
         "retry     {} attempts, backoff_ms {}",
         spec.retry.max_attempts,
         backoff.join(",")
+    );
+    let _ = writeln!(
+        out,
+        "breaker   failure_threshold {}, success_threshold {}, open_for_ms {}",
+        spec.breaker.failure_threshold, spec.breaker.success_threshold, spec.breaker.open_for_ms
     );
     for (name, value) in &spec.config {
         let _ = writeln!(out, "config    {name}={value}");

@@ -10,6 +10,7 @@ use std::num::NonZeroUsize;
 
 use serde::{Deserialize, Serialize};
 
+use super::breaker::BreakerPolicy;
 use super::dispatch::Ordering;
 use super::retry::RetryPolicy;
 
@@ -44,6 +45,10 @@ pub struct BindingSpec {
     /// Retry policy (default: 4 attempts, 1 s, 2 s, 5 s, ±20 %).
     #[serde(default)]
     pub retry: RetryPolicy,
+    /// Circuit breaker (default: opens after 5 consecutive failures for 60 s, closes after 2
+    /// successful probes). Absent in specs stored before breakers existed: the defaults.
+    #[serde(default)]
+    pub breaker: BreakerPolicy,
     /// Topics the handler may emit to. Empty: none.
     #[serde(default)]
     pub output_topics: Vec<String>,
@@ -159,6 +164,7 @@ impl BindingSpec {
             ordering: Ordering::default(),
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             retry: RetryPolicy::default(),
+            breaker: BreakerPolicy::default(),
             output_topics: Vec::new(),
             config: BTreeMap::new(),
             deadline_ms: None,
@@ -215,6 +221,9 @@ impl BindingSpec {
         self.retry
             .validate()
             .map_err(|e| invalid(format!("retry.{}", e.field), e.message))?;
+        self.breaker
+            .validate()
+            .map_err(|e| invalid(format!("breaker.{}", e.field), e.message))?;
         for topic in &self.output_topics {
             check_topic("output_topics", topic)?;
             if self.topics.contains(topic) {
@@ -299,6 +308,13 @@ mod tests {
             ("topics", |s| s.topics = vec!["bad topic".into()]),
             ("max_in_flight", |s| s.max_in_flight = 0),
             ("retry.max_attempts", |s| s.retry.max_attempts = 0),
+            ("breaker.failure_threshold", |s| {
+                s.breaker.failure_threshold = 0
+            }),
+            ("breaker.success_threshold", |s| {
+                s.breaker.success_threshold = 0
+            }),
+            ("breaker.open_for_ms", |s| s.breaker.open_for_ms = 10),
             ("output_topics", |s| s.output_topics = vec!["orders".into()]),
             ("deadline_ms", |s| s.deadline_ms = Some(0)),
             ("dlq_topic", |s| s.dlq_topic = Some(String::new())),
@@ -309,6 +325,18 @@ mod tests {
             let err = s.validate().expect_err(field);
             assert_eq!(err.field, field, "{err}");
         }
+    }
+
+    #[test]
+    fn a_spec_stored_before_breakers_parses_with_the_default_breaker() {
+        let spec: BindingSpec =
+            serde_json::from_str(r#"{"tenant":"a","handler":"b","topics":["t"]}"#).unwrap();
+        assert_eq!(spec.breaker, BreakerPolicy::default());
+        let err = serde_json::from_str::<BindingSpec>(
+            r#"{"tenant":"a","handler":"b","topics":["t"],"breaker":{"threshold":3}}"#,
+        )
+        .expect_err("unknown breaker field accepted");
+        assert!(err.to_string().contains("threshold"), "{err}");
     }
 
     #[test]

@@ -150,14 +150,14 @@ impl ConsumerContext for IntakeContext {
     }
 }
 
-/// The intake thread's loop: poll, batch, hand over, pause when there is no room or a pause is
-/// asked for. Returns when `stop` is set or the coordinator is gone, after leaving the group.
+/// The intake thread's loop: poll, batch, hand over, pause when there is no room or any of
+/// `switches` asks for it (an operator's, the breaker's). Returns when `stop` is set or the coordinator is gone, after leaving the group.
 pub fn intake_loop(
     consumer: &BaseConsumer<IntakeContext>,
     messages: &mpsc::Sender<Batch>,
     runtime: &tokio::runtime::Handle,
     stop: &AtomicBool,
-    switch: &PauseSwitch,
+    switches: &[PauseSwitch],
     stats: &WorkerStats,
 ) {
     let context = consumer.context();
@@ -185,7 +185,7 @@ pub fn intake_loop(
                 }
             }
         }
-        let want_paused = switch.is_paused() || held.is_some();
+        let want_paused = switches.iter().any(PauseSwitch::is_paused) || held.is_some();
         if want_paused != context.paused.load(Ordering::Relaxed) {
             set_paused(consumer, want_paused);
         }

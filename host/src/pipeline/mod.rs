@@ -13,7 +13,9 @@
 //! 3. **Invoke** runs the handler in the sandbox ([`crate::runtime`]), on the version in the
 //!    binding's [`HandlerSlot`] when the message is dispatched (a version activated meanwhile
 //!    is swapped in there, without restarting anything). A failure goes to the binding's
-//!    [`RetryPolicy`]: wait and run again while the key stays occupied, or dead-letter.
+//!    [`RetryPolicy`]: wait and run again while the key stays occupied, or dead-letter. The
+//!    binding's [`Breaker`] sees every outcome: after too many consecutive retryable failures it
+//!    opens, the partitions pause and failing messages wait without spending attempts.
 //! 4. **Group commit** writes many messages' effects and processed keys in one PostgreSQL
 //!    transaction (or the DLQ entry), each message all-or-nothing; then the message's dispatch
 //!    ticket is finished and its offset completed.
@@ -24,12 +26,14 @@
 //! pushes each into the lane of its key on its original partition, so a replay is ordered,
 //! retried and committed like any message, except that it has no offset to store.
 //!
-//! This module holds the pipeline's pure core — [`offsets`], [`dispatch`] and [`retry`]:
+//! This module holds the pipeline's pure core — [`offsets`], [`dispatch`], [`retry`] and
+//! [`breaker`]:
 //! synchronous data structures, each owned by one task, with no locks, no I/O and no clock.
 //! They know nothing of Kafka, PostgreSQL or wasmtime, so they are tested in isolation (with
 //! property tests) and cost little on the hot path. The stages that do I/O drive them.
 
 pub mod binding;
+pub mod breaker;
 pub mod dispatch;
 pub mod handler;
 pub mod intake;
@@ -38,6 +42,7 @@ pub mod retry;
 pub mod worker;
 
 pub use binding::{BindingError, BindingSpec};
+pub use breaker::{Breaker, BreakerPolicy, BreakerState};
 pub use dispatch::{KeyScheduler, Ordering, Ticket};
 pub use handler::{ActiveHandler, HandlerSlot};
 pub use intake::PauseSwitch;

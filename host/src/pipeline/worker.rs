@@ -44,10 +44,27 @@
 //! it can be claimed again (by the worker holding the partition, with luck: the claim does not
 //! filter by partition). A failed claim is a fault of the host: logged, tried at the next tick.
 //!
+//! The binding's circuit breaker (SEMANTICS §3, [`super::breaker`]): every outcome of a handler
+//! is recorded — a retryable error or a deadline as a failure, a permanent error, refusal or
+//! other trap as neutral (the message's own fault), a success as a success; faults of the host
+//! not at all. When it opens, the worker pauses its partitions through a [`PauseSwitch`] of its
+//! own (the intake pauses partitions assigned later too) and stops dispatching. A message whose
+//! retryable failure finds the breaker open, or opens it, is *parked*: it keeps its ticket (its
+//! key waits), its attempt does not advance, and it is never dead-lettered for it; messages
+//! already queued wait too. Half-open, dispatch lets through the probes the breaker admits,
+//! parked messages first (the partitions stay paused unless there is nothing to probe with);
+//! closed, every parked message runs again and the partitions resume. Revocation and shutdown
+//! let parked messages go uncommitted (their offsets are not stored; they are delivered again),
+//! so neither waits for the breaker. Shared state: a worker writes its own openings and
+//! closings ([`Store::breaker_set`]) and every [`BREAKER_SYNC_EVERY`] reads the binding's row
+//! ([`Store::breaker_get`]), following a revision it has not seen — another replica's breaker,
+//! or an operator's reset or force-open — so every replica pauses together. No replay is
+//! claimed while the breaker is not closed.
+//!
 //! Not yet here (tracked in the control-plane and resilience issues): per-tenant rate limits;
-//! breakers; metrics.
+//! metrics.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
 use std::time::{Duration, Instant};
@@ -59,6 +76,9 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use super::binding::BindingSpec;
+use super::breaker::{
+    Admission, Breaker, BreakerState, Outcome as BreakerOutcome, ProbeToken, Shared, Transition,
+};
 use super::dispatch::{KeyScheduler, Ticket};
 use super::handler::{HandlerReader, HandlerSlot};
 use super::intake::{Batch, Control, IntakeContext, PauseSwitch, intake_loop};
@@ -70,7 +90,8 @@ use crate::runtime::{
     TrapKind,
 };
 use crate::store::{
-    Completion, DlqEntry, DlqEntryInsert, DlqErrorKind, OutboxInsert, Store, StoreError,
+    BreakerRecord, BreakerWrite, Completion, DlqEntry, DlqEntryInsert, DlqErrorKind, OutboxInsert,
+    Store, StoreError,
 };
 
 /// Consumer session timeout when the caller sets none: librdkafka's default, 45 s, longer than
@@ -94,6 +115,10 @@ pub const REPLAY_CLAIM_BATCH: u32 = 64;
 /// retries (1 s + 2 s + 5 s by default). A replay the worker could not finish (it crashed, lost
 /// the partition, or the entry's partition is not assigned to it) is claimable again after it.
 pub const REPLAY_LEASE: Duration = Duration::from_secs(60);
+
+/// How often the worker reads its binding's shared breaker state (and retries a failed write):
+/// 1 s, so every replica pauses within about a second of the one whose breaker opened.
+pub const BREAKER_SYNC_EVERY: Duration = Duration::from_secs(1);
 
 /// The topic index given to replays of a topic the binding no longer reads: a lane of their
 /// own, never revoked.
@@ -158,6 +183,16 @@ pub struct WorkerStats {
     pub replayed: AtomicU64,
     /// Handler versions swapped in while running (hot swaps seen by dispatch).
     pub handler_swaps: AtomicU64,
+    /// Times the breaker opened (by this worker's failures, a replica's or an operator's).
+    pub breaker_opened: AtomicU64,
+    /// Times the breaker half-opened.
+    pub breaker_half_opened: AtomicU64,
+    /// Times the breaker closed (by probes, a replica or a reset).
+    pub breaker_closed: AtomicU64,
+    /// Whether the breaker is open or half-open now.
+    pub breaker_open: AtomicBool,
+    /// Failures that parked their message for the breaker (no attempt spent, no DLQ).
+    pub parked: AtomicU64,
 }
 
 /// Why a worker stopped.
@@ -240,6 +275,10 @@ enum Done {
     DeadLettered(u64),
     /// DLQ entries claimed for replay (or why none could be).
     Claimed(Result<Vec<DlqEntry>, StoreError>),
+    /// The shared breaker state was read (or why it could not be).
+    BreakerRead(Result<Option<BreakerRecord>, StoreError>),
+    /// This worker's breaker state was shared (or why it could not be).
+    BreakerWritten(Result<BreakerRecord, StoreError>),
 }
 
 /// Reads keyed state from the store, for one invocation, remembering whether a read failed (a
@@ -324,24 +363,28 @@ impl Worker {
             .map_err(|e| consumer_error(e.to_string()))?;
 
         let stop_intake = Arc::new(AtomicBool::new(false));
+        // The breaker's own switch: an operator's pause (`self.pause`) is not undone when the
+        // breaker closes.
+        let breaker_pause = PauseSwitch::default();
         let intake = {
             let consumer = consumer.clone();
             let stop = stop_intake.clone();
             let stats = self.stats.clone();
-            let switch = self.pause.clone();
+            let switches = [self.pause.clone(), breaker_pause.clone()];
             let runtime = tokio::runtime::Handle::current();
             let binding = self.binding_id.clone();
             std::thread::Builder::new()
                 .name(format!("weir-intake-{binding}"))
                 .spawn(move || {
-                    intake_loop(&consumer, &batches_tx, &runtime, &stop, &switch, &stats)
+                    intake_loop(&consumer, &batches_tx, &runtime, &stop, &switches, &stats)
                 })
                 .map_err(|e| consumer_error(format!("cannot start the intake thread: {e}")))?
         };
 
-        let mut coordinator = Coordinator::new(&self, consumer.clone());
+        let mut coordinator = Coordinator::new(&self, consumer.clone(), breaker_pause);
         loop {
             let linger = coordinator.commit_deadline();
+            let wake = coordinator.next_wake();
             tokio::select! {
                 biased;
                 changed = shutdown.changed() => {
@@ -356,7 +399,7 @@ impl Worker {
                     None => break,
                 },
                 _ = sleep_until(linger), if linger.is_some() => coordinator.start_commit(),
-                _ = sleep_until(Some(coordinator.next_claim)) => {}
+                _ = sleep_until(Some(wake)) => {}
             }
             // Commit at once when the batch is full, or when no invocation is running that
             // could still join it (waiting out the linger would only add latency). While a
@@ -372,11 +415,16 @@ impl Worker {
             // Checked on every turn, not only when its timer wins the select: a busy worker
             // still claims its replays.
             coordinator.claim_replays();
+            coordinator.sync_breaker();
             coordinator.dispatch();
             coordinator.check_drain().await;
         }
 
         // Shutdown: let in-flight work finish (bounded), commit, store offsets, then stop intake.
+        // Messages parked for the breaker are let go: not committed, their offsets not stored,
+        // they are delivered again.
+        coordinator.stopping = true;
+        coordinator.abandon_parked(|_| true);
         let deadline = Instant::now() + self.settings.drain_deadline;
         while coordinator.scheduler.outstanding() > 0 && Instant::now() < deadline {
             tokio::select! {
@@ -460,10 +508,36 @@ struct Coordinator {
     claiming: bool,
     /// The last claim failed (logged once until one succeeds).
     claim_failing: bool,
+    /// The binding's circuit breaker.
+    breaker: Breaker,
+    /// Pauses the intake while the breaker is open.
+    breaker_pause: PauseSwitch,
+    /// Messages whose failure found the breaker open (or opened it), in the order they failed:
+    /// they keep their ticket (their key waits) and run again, on the same attempt, as probes
+    /// or once it closed.
+    parked: VecDeque<u64>,
+    /// Slots running as half-open probes.
+    probes: HashMap<u64, ProbeToken>,
+    /// The breaker changed here and the store does not know yet.
+    breaker_dirty: bool,
+    /// A read or write of the shared breaker state is running.
+    breaker_syncing: bool,
+    /// The highest shared breaker revision seen (read or written).
+    breaker_seen: i64,
+    /// When to read the shared breaker state next.
+    next_breaker_sync: Instant,
+    /// The last write of the shared breaker state failed: the next waits for the next sync.
+    breaker_write_failed: bool,
+    /// The worker is shutting down: parked messages are let go at once.
+    stopping: bool,
 }
 
 impl Coordinator {
-    fn new(worker: &Worker, consumer: Arc<BaseConsumer<IntakeContext>>) -> Self {
+    fn new(
+        worker: &Worker,
+        consumer: Arc<BaseConsumer<IntakeContext>>,
+        breaker_pause: PauseSwitch,
+    ) -> Self {
         let spec = Arc::new(worker.spec.clone());
         let context = InvocationContext {
             config: Arc::new(spec.config.clone().into_iter().collect::<BTreeMap<_, _>>()),
@@ -504,6 +578,17 @@ impl Coordinator {
             next_claim: Instant::now() + REPLAY_CLAIM_EVERY,
             claiming: false,
             claim_failing: false,
+            breaker: Breaker::new(worker.spec.breaker),
+            breaker_pause,
+            parked: VecDeque::new(),
+            probes: HashMap::new(),
+            breaker_dirty: false,
+            breaker_syncing: false,
+            breaker_seen: 0,
+            // At once: a worker starting while the binding's breaker is open pauses.
+            next_breaker_sync: Instant::now(),
+            breaker_write_failed: false,
+            stopping: false,
         }
     }
 
@@ -578,11 +663,14 @@ impl Coordinator {
                         .count();
                     tracing::debug!(binding = %self.binding_id, topic, partition, dropped = dropped.len(), replays, "partition revoked");
                 }
-                self.flush().await;
-                let parts = parts
+                let parts: Vec<Part> = parts
                     .iter()
                     .map(|(topic, partition)| (self.topic_index(topic), *partition))
                     .collect();
+                // Parked messages would hold the drain until its deadline: let them go, the
+                // partition's next owner gets them.
+                self.abandon_parked(|part| parts.contains(&part));
+                self.flush().await;
                 self.draining = Some((ack, Instant::now() + self.settings.drain_deadline, parts));
                 self.check_drain().await;
             }
@@ -607,6 +695,7 @@ impl Coordinator {
             .saturating_sub(self.scheduler.len());
         if self.claiming
             || self.draining.is_some()
+            || self.breaker.state() != BreakerState::Closed
             || room == 0
             || self.offsets.partitions().next().is_none()
         {
@@ -717,15 +806,242 @@ impl Coordinator {
         }
     }
 
+    /// Start what may run: while the breaker is closed, parked messages and then every ready
+    /// one; while half-open, as many probes as it admits (parked messages first); while open,
+    /// nothing.
     fn dispatch(&mut self) {
         if self.draining.is_some() || self.store_backoff > Duration::ZERO {
             return;
         }
-        while let Some(ticket) = self.scheduler.next_ready() {
+        let now = Instant::now();
+        let polled = self.breaker.poll(now);
+        self.on_breaker(polled, false);
+        while let Some(&slot) = self.parked.front() {
+            if !self.admit(slot, now) {
+                return;
+            }
+            self.parked.pop_front();
+            self.spawn_invocation(slot);
+        }
+        loop {
+            let admission = self.breaker.admit(now);
+            if admission == Admission::Wait {
+                return;
+            }
+            let Some(ticket) = self.scheduler.next_ready() else {
+                if let Admission::Probe(token) = admission {
+                    self.breaker.cancel(token);
+                    if self.probes.is_empty() && self.scheduler.queued() == 0 {
+                        // Half-open with nothing to probe with: fetch the next messages.
+                        self.breaker_pause.resume();
+                    }
+                }
+                return;
+            };
             let slot = self.next_slot;
             self.next_slot += 1;
             self.tickets.insert(slot, ticket);
+            if let Admission::Probe(token) = admission {
+                self.probes.insert(slot, token);
+            }
             self.spawn_invocation(slot);
+        }
+    }
+
+    /// Whether the message of `slot` may run now (as a probe, if half-open).
+    fn admit(&mut self, slot: u64, now: Instant) -> bool {
+        match self.breaker.admit(now) {
+            Admission::Run => true,
+            Admission::Probe(token) => {
+                self.probes.insert(slot, token);
+                true
+            }
+            Admission::Wait => false,
+        }
+    }
+
+    /// Run the message of `slot` again when the breaker lets it (at once if it does now).
+    fn rerun(&mut self, slot: u64) {
+        if self.admit(slot, Instant::now()) {
+            self.spawn_invocation(slot);
+        } else {
+            self.park(slot);
+        }
+    }
+
+    /// Hold the message of `slot` until the breaker lets it run: its ticket (and key) kept, no
+    /// attempt spent. Let go at once while shutting down or while its partition is revoked.
+    fn park(&mut self, slot: u64) {
+        self.parked.push_back(slot);
+        let revoking = self.draining.as_ref().map(|(_, _, parts)| parts.clone());
+        if self.stopping {
+            self.abandon_parked(|_| true);
+        } else if let Some(parts) = revoking {
+            self.abandon_parked(|part| parts.contains(&part));
+        }
+    }
+
+    /// Let parked messages of the partitions `which` selects go: their keys are freed, their
+    /// offsets not completed (they are delivered again), replays left to their lease.
+    fn abandon_parked(&mut self, which: impl Fn(Part) -> bool) {
+        let mut kept = VecDeque::with_capacity(self.parked.len());
+        while let Some(slot) = self.parked.pop_front() {
+            let Some(ticket) = self.tickets.get(&slot) else {
+                continue;
+            };
+            if !which(ticket.message().part) {
+                kept.push_back(slot);
+                continue;
+            }
+            if let Some(ticket) = self.tickets.remove(&slot) {
+                let pending = self.scheduler.finish(ticket);
+                if let Some(entry) = pending.replay_of {
+                    self.replays.remove(&entry);
+                }
+            }
+        }
+        self.parked = kept;
+    }
+
+    /// When the loop must wake up even if nothing happens: the next replay claim, the next
+    /// breaker read, the breaker's half-opening.
+    fn next_wake(&self) -> Instant {
+        let mut wake = self.next_claim.min(self.next_breaker_sync);
+        if let Some(until) = self.breaker.open_until() {
+            wake = wake.min(until);
+        }
+        wake
+    }
+
+    /// Act on a breaker transition: pause or resume the intake, count it, and (when it happened
+    /// here, not by following the store) share it.
+    fn on_breaker(&mut self, transition: Option<Transition>, local: bool) {
+        let Some(transition) = transition else {
+            return;
+        };
+        let stats = &self.stats;
+        match transition {
+            Transition::Opened | Transition::ForcedOpen => {
+                self.breaker_pause.pause();
+                stats.breaker_opened.fetch_add(1, AtomicOrdering::Relaxed);
+                stats.breaker_open.store(true, AtomicOrdering::Relaxed);
+                tracing::warn!(
+                    binding = %self.binding_id,
+                    forced = self.breaker.is_forced(),
+                    by = if local { "this worker" } else { "the shared state" },
+                    open_for = ?self.breaker.open_until().map(|u| u.saturating_duration_since(Instant::now())),
+                    parked = self.parked.len(),
+                    "breaker opened; partitions paused"
+                );
+                if local {
+                    self.breaker_dirty = true;
+                }
+            }
+            Transition::HalfOpened => {
+                // The partitions stay paused while parked or queued messages can be the probes;
+                // `dispatch` resumes them when there is nothing to probe with.
+                stats
+                    .breaker_half_opened
+                    .fetch_add(1, AtomicOrdering::Relaxed);
+                tracing::info!(binding = %self.binding_id, parked = self.parked.len(), "breaker half-open; probing");
+            }
+            Transition::Closed => {
+                self.breaker_pause.resume();
+                self.probes.clear();
+                stats.breaker_closed.fetch_add(1, AtomicOrdering::Relaxed);
+                stats.breaker_open.store(false, AtomicOrdering::Relaxed);
+                tracing::info!(binding = %self.binding_id, parked = self.parked.len(), by = if local { "this worker" } else { "the shared state" }, "breaker closed; partitions resumed");
+                if local {
+                    self.breaker_dirty = true;
+                }
+            }
+        }
+    }
+
+    /// Share a change of this worker's breaker through the store, or read the shared state
+    /// every [`BREAKER_SYNC_EVERY`]: one store call at a time, off the coordinator.
+    fn sync_breaker(&mut self) {
+        if self.breaker_syncing {
+            return;
+        }
+        let now = Instant::now();
+        let store = self.store.clone();
+        let binding = self.binding_id.clone();
+        let done = self.done_tx.clone();
+        if self.breaker_dirty && (!self.breaker_write_failed || now >= self.next_breaker_sync) {
+            self.breaker_dirty = false;
+            self.next_breaker_sync = now + BREAKER_SYNC_EVERY;
+            let write = match self.breaker.state() {
+                BreakerState::Closed => BreakerWrite::Closed,
+                BreakerState::Open if self.breaker.is_forced() => BreakerWrite::Forced,
+                BreakerState::Open | BreakerState::HalfOpen => BreakerWrite::Open {
+                    open_for: self
+                        .breaker
+                        .open_until()
+                        .map_or(Duration::ZERO, |until| until.saturating_duration_since(now)),
+                    consecutive_failures: i32::try_from(self.breaker.consecutive_failures())
+                        .unwrap_or(i32::MAX),
+                },
+            };
+            self.breaker_syncing = true;
+            tokio::spawn(async move {
+                let written = store.breaker_set(&binding, write).await;
+                let _ = done.send(Done::BreakerWritten(written));
+            });
+        } else if now >= self.next_breaker_sync {
+            self.next_breaker_sync = now + BREAKER_SYNC_EVERY;
+            self.breaker_syncing = true;
+            tokio::spawn(async move {
+                let read = store.breaker_get(&binding).await;
+                let _ = done.send(Done::BreakerRead(read));
+            });
+        }
+    }
+
+    /// The shared breaker state was read: follow a change this worker has not seen (unless
+    /// its own change is still to be written, which will overwrite it).
+    fn on_breaker_read(&mut self, read: Result<Option<BreakerRecord>, StoreError>) {
+        self.breaker_syncing = false;
+        let record = match read {
+            Ok(Some(record)) => record,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(binding = %self.binding_id, error = %e, "cannot read the shared breaker state");
+                return;
+            }
+        };
+        if self.breaker_dirty || record.revision <= self.breaker_seen {
+            return;
+        }
+        self.breaker_seen = record.revision;
+        let now = Instant::now();
+        let shared = if !record.open {
+            Shared::Closed
+        } else if record.forced {
+            Shared::Forced
+        } else {
+            let left = record
+                .open_until
+                .map(|until| (until - Utc::now()).to_std().unwrap_or(Duration::ZERO))
+                .unwrap_or(Duration::ZERO);
+            Shared::OpenUntil(now + left)
+        };
+        let transition = self.breaker.follow(shared, now);
+        self.on_breaker(transition, false);
+    }
+
+    fn on_breaker_written(&mut self, written: Result<BreakerRecord, StoreError>) {
+        self.breaker_syncing = false;
+        match written {
+            Ok(record) => {
+                self.breaker_write_failed = false;
+                self.breaker_seen = self.breaker_seen.max(record.revision);
+            }
+            Err(e) => {
+                self.breaker_write_failed = true;
+                tracing::warn!(binding = %self.binding_id, error = %e, "cannot share the breaker state; will retry");
+                self.breaker_dirty = true;
+            }
         }
     }
 
@@ -851,6 +1167,11 @@ impl Coordinator {
         }
         match done {
             Done::Success(slot, completion) => {
+                let probe = self.probes.remove(&slot);
+                let transition =
+                    self.breaker
+                        .record(BreakerOutcome::Success, probe, Instant::now());
+                self.on_breaker(transition, true);
                 // Its work is done: free the in-flight slot for other keys; the key itself
                 // stays occupied until the commit.
                 if let Some(ticket) = self.tickets.get_mut(&slot) {
@@ -873,10 +1194,16 @@ impl Coordinator {
                     message.attempt += 1;
                     pending.message = Arc::new(message);
                 }
-                self.spawn_invocation(slot);
+                self.rerun(slot);
             }
             Done::Claimed(claimed) => self.on_claimed(claimed),
+            Done::BreakerRead(read) => self.on_breaker_read(read),
+            Done::BreakerWritten(written) => self.on_breaker_written(written),
             Done::HostFault { slot, error } => {
+                // Not the handler's outcome: a probe slot is given back.
+                if let Some(probe) = self.probes.remove(&slot) {
+                    self.breaker.cancel(probe);
+                }
                 self.stats
                     .store_unavailable
                     .store(true, AtomicOrdering::Relaxed);
@@ -903,6 +1230,30 @@ impl Coordinator {
                 message: error,
                 version,
             } => {
+                // A dependency that looks down (a retryable error, the deadline) counts towards
+                // the breaker; the message's own faults do not.
+                let outcome = if kind == FailureKind::Retryable {
+                    BreakerOutcome::Failure
+                } else {
+                    BreakerOutcome::Neutral
+                };
+                let probe = self.probes.remove(&slot);
+                let transition = self.breaker.record(outcome, probe, Instant::now());
+                self.on_breaker(transition, true);
+                if !self.tickets.contains_key(&slot) {
+                    return;
+                }
+                if outcome == BreakerOutcome::Failure
+                    && self.breaker.state() != BreakerState::Closed
+                {
+                    // The breaker is open (this failure may have opened it): the message is
+                    // not spent — same attempt, never dead-lettered for it; it runs again as a
+                    // probe or once the breaker closed.
+                    self.stats.parked.fetch_add(1, AtomicOrdering::Relaxed);
+                    tracing::debug!(binding = %self.binding_id, slot, %error, "failure while the breaker is open; message parked, no attempt spent");
+                    self.park(slot);
+                    return;
+                }
                 let Some(ticket) = self.tickets.get_mut(&slot) else {
                     return;
                 };

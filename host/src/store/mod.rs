@@ -40,6 +40,9 @@
 //!   commit: through `LISTEN weir_outbox` on PostgreSQL (so rows committed by other replicas
 //!   wake it too), in-process on SQLite. A wake-up may be spurious or coalesced; the relay
 //!   still sweeps periodically.
+//! * **Breakers are shared state, last writer wins.** [`Store::breaker_set`] upserts one row per
+//!   binding and bumps its revision; readers compare revisions to see a change. Nothing else
+//!   (no lease, no lock): two replicas opening at once both write, and both follow the last.
 //! * **Bindings are deleted for real.** [`Store::bindings_revision`] is a counter bumped in the
 //!   same transaction as every binding insert, update and delete, so a poller that sees it
 //!   unchanged can skip [`Store::list_bindings`]. A binding id belongs to the tenant that
@@ -109,9 +112,10 @@ pub use error::StoreError;
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 pub use types::{
-    BindingRecord, CommitOutcome, Completion, DlqEntry, DlqEntryInsert, DlqErrorKind, DlqFilter,
-    DlqState, HandlerSummary, HandlerVersion, MAX_DLQ_PAGE, MAX_OUTBOX_CLAIM, NewTenant, NewToken,
-    OutboxInsert, OutboxRecord, OutboxState, Quota, Resolution, Tenant, TenantUsage, TokenRecord,
+    BindingRecord, BreakerRecord, BreakerWrite, CommitOutcome, Completion, DlqEntry,
+    DlqEntryInsert, DlqErrorKind, DlqFilter, DlqState, HandlerSummary, HandlerVersion,
+    MAX_DLQ_PAGE, MAX_OUTBOX_CLAIM, NewTenant, NewToken, OutboxInsert, OutboxRecord, OutboxState,
+    Quota, Resolution, Tenant, TenantUsage, TokenRecord,
 };
 
 /// The NOTIFY channel that announces new outbox rows.
@@ -243,6 +247,22 @@ pub trait Store: Send + Sync {
 
     /// A number that changes whenever any binding is created, updated or deleted.
     async fn bindings_revision(&self) -> Result<i64, StoreError>;
+
+    // ---- breakers ------------------------------------------------------------------------
+
+    /// The shared state of `binding_id`'s circuit breaker, if one was ever written (none:
+    /// closed).
+    async fn breaker_get(&self, binding_id: &str) -> Result<Option<BreakerRecord>, StoreError>;
+
+    /// Write `binding_id`'s breaker state (revision + 1, `updated_at` now, the store's clock):
+    /// [`BreakerWrite::Open`] sets `opened_at` to now and `open_until` to now + `open_for`;
+    /// [`BreakerWrite::Forced`] sets `opened_at` to now (kept if it was open already) and no
+    /// `open_until`; [`BreakerWrite::Closed`] clears both. Deleting the binding deletes it.
+    async fn breaker_set(
+        &self,
+        binding_id: &str,
+        write: BreakerWrite,
+    ) -> Result<BreakerRecord, StoreError>;
 
     // ---- keyed state ---------------------------------------------------------------------
 

@@ -18,10 +18,11 @@ use super::types::{
     decode_headers, encode_headers, not_pending, sha256_hex, validate_tenant, validate_token_hash,
 };
 use super::{
-    BindingRecord, CommitOutcome, Completion, DlqEntry, DlqEntryInsert, DlqErrorKind, DlqFilter,
-    DlqState, HandlerSummary, HandlerVersion, MAX_ERROR_BYTES, NewTenant, NewToken, OUTBOX_CHANNEL,
-    OutboxInsert, OutboxRecord, OutboxState, Quota, Resolution, Store, StoreError, Tenant,
-    TenantUsage, TokenRecord, claim_limit, lease_micros, truncate,
+    BindingRecord, BreakerRecord, BreakerWrite, CommitOutcome, Completion, DlqEntry,
+    DlqEntryInsert, DlqErrorKind, DlqFilter, DlqState, HandlerSummary, HandlerVersion,
+    MAX_ERROR_BYTES, NewTenant, NewToken, OUTBOX_CHANNEL, OutboxInsert, OutboxRecord, OutboxState,
+    Quota, Resolution, Store, StoreError, Tenant, TenantUsage, TokenRecord, claim_limit,
+    lease_micros, truncate,
 };
 
 /// Connections in the pool. A live [`Store::outbox_notifications`] listener holds one of them.
@@ -219,6 +220,33 @@ fn binding(row: &PgRow) -> Result<BindingRecord, StoreError> {
             .map_err(|error| StoreError::corrupt("bindings", format!("spec: {error}")))?,
         revision: row.try_get("revision").map_err(decode)?,
         created_at: row.try_get("created_at").map_err(decode)?,
+        updated_at: row.try_get("updated_at").map_err(decode)?,
+    })
+}
+
+const BREAKER_COLUMNS: &str = "binding_id, state, forced, opened_at, open_until, \
+     consecutive_failures, revision, updated_at";
+
+fn breaker_record(row: &PgRow) -> Result<BreakerRecord, StoreError> {
+    let decode = |error| StoreError::from_sqlx("read breaker", error);
+    let state: String = row.try_get("state").map_err(decode)?;
+    Ok(BreakerRecord {
+        binding_id: row.try_get("binding_id").map_err(decode)?,
+        open: match state.as_str() {
+            "open" => true,
+            "closed" => false,
+            other => {
+                return Err(StoreError::corrupt(
+                    "binding_breakers",
+                    format!("unknown state {other:?}"),
+                ));
+            }
+        },
+        forced: row.try_get("forced").map_err(decode)?,
+        opened_at: row.try_get("opened_at").map_err(decode)?,
+        open_until: row.try_get("open_until").map_err(decode)?,
+        consecutive_failures: row.try_get("consecutive_failures").map_err(decode)?,
+        revision: row.try_get("revision").map_err(decode)?,
         updated_at: row.try_get("updated_at").map_err(decode)?,
     })
 }
@@ -866,6 +894,11 @@ impl Store for PgStore {
             .await
             .map_err(db(OP))?
             .rows_affected();
+        sqlx::query("DELETE FROM binding_breakers WHERE binding_id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(OP))?;
         if deleted > 0 {
             sqlx::query("UPDATE bindings_revision SET revision = revision + 1")
                 .execute(&mut *tx)
@@ -900,6 +933,63 @@ impl Store for PgStore {
             .fetch_one(&self.pool)
             .await
             .map_err(db("read bindings revision"))
+    }
+
+    async fn breaker_get(&self, binding_id: &str) -> Result<Option<BreakerRecord>, StoreError> {
+        let sql = format!("SELECT {BREAKER_COLUMNS} FROM binding_breakers WHERE binding_id = $1");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(binding_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db("read breaker"))?;
+        row.as_ref().map(breaker_record).transpose()
+    }
+
+    async fn breaker_set(
+        &self,
+        binding_id: &str,
+        write: BreakerWrite,
+    ) -> Result<BreakerRecord, StoreError> {
+        // $2 state, $3 forced, $4 open_for (µs, NULL: no until), $5 failures.
+        let (state, forced, open_for, failures) = match write {
+            BreakerWrite::Closed => ("closed", false, None, None),
+            BreakerWrite::Open {
+                open_for,
+                consecutive_failures,
+            } => (
+                "open",
+                false,
+                Some(lease_micros(open_for)),
+                Some(consecutive_failures.max(0)),
+            ),
+            BreakerWrite::Forced => ("open", true, None, None),
+        };
+        let sql = format!(
+            "INSERT INTO binding_breakers AS b (binding_id, state, forced, opened_at, open_until, \
+                                               consecutive_failures) \
+             VALUES ($1, $2, $3, CASE WHEN $2 = 'open' THEN now() END, \
+                     now() + $4 * interval '1 microsecond', $5) \
+             ON CONFLICT (binding_id) DO UPDATE \
+               SET state = excluded.state, forced = excluded.forced, \
+                   opened_at = CASE WHEN excluded.state = 'closed' THEN NULL \
+                                    WHEN excluded.forced AND b.state = 'open' THEN b.opened_at \
+                                    ELSE excluded.opened_at END, \
+                   open_until = excluded.open_until, \
+                   consecutive_failures = COALESCE(excluded.consecutive_failures, \
+                       CASE WHEN excluded.state = 'open' THEN b.consecutive_failures END), \
+                   revision = b.revision + 1, updated_at = now() \
+             RETURNING {BREAKER_COLUMNS}"
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(binding_id)
+            .bind(state)
+            .bind(forced)
+            .bind(open_for)
+            .bind(failures)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db("write breaker"))?;
+        breaker_record(&row)
     }
 
     async fn state_get(

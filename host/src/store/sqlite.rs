@@ -27,10 +27,11 @@ use super::types::{
     decode_headers, encode_headers, not_pending, sha256_hex, validate_tenant, validate_token_hash,
 };
 use super::{
-    BindingRecord, CommitOutcome, Completion, DlqEntry, DlqEntryInsert, DlqErrorKind, DlqFilter,
-    DlqState, HandlerSummary, HandlerVersion, MAX_ERROR_BYTES, NewTenant, NewToken, OutboxInsert,
-    OutboxRecord, OutboxState, Quota, Resolution, Store, StoreError, Tenant, TenantUsage,
-    TokenRecord, claim_limit, lease_micros, truncate,
+    BindingRecord, BreakerRecord, BreakerWrite, CommitOutcome, Completion, DlqEntry,
+    DlqEntryInsert, DlqErrorKind, DlqFilter, DlqState, HandlerSummary, HandlerVersion,
+    MAX_ERROR_BYTES, NewTenant, NewToken, OutboxInsert, OutboxRecord, OutboxState, Quota,
+    Resolution, Store, StoreError, Tenant, TenantUsage, TokenRecord, claim_limit, lease_micros,
+    truncate,
 };
 
 /// Connections to a database file (readers run in parallel under WAL; writers queue).
@@ -264,6 +265,34 @@ fn binding(row: &SqliteRow) -> Result<BindingRecord, StoreError> {
         revision: row.try_get("revision").map_err(decode)?,
         created_at: time("bindings", row.try_get("created_at").map_err(decode)?)?,
         updated_at: time("bindings", row.try_get("updated_at").map_err(decode)?)?,
+    })
+}
+
+const BREAKER_COLUMNS: &str = "binding_id, state, forced, opened_at, open_until, \
+     consecutive_failures, revision, updated_at";
+
+fn breaker_record(row: &SqliteRow) -> Result<BreakerRecord, StoreError> {
+    const TABLE: &str = "binding_breakers";
+    let decode = |error| StoreError::from_sqlx("read breaker", error);
+    let state: String = row.try_get("state").map_err(decode)?;
+    Ok(BreakerRecord {
+        binding_id: row.try_get("binding_id").map_err(decode)?,
+        open: match state.as_str() {
+            "open" => true,
+            "closed" => false,
+            other => {
+                return Err(StoreError::corrupt(
+                    TABLE,
+                    format!("unknown state {other:?}"),
+                ));
+            }
+        },
+        forced: row.try_get::<i64, _>("forced").map_err(decode)? != 0,
+        opened_at: optional_time(TABLE, row.try_get("opened_at").map_err(decode)?)?,
+        open_until: optional_time(TABLE, row.try_get("open_until").map_err(decode)?)?,
+        consecutive_failures: row.try_get("consecutive_failures").map_err(decode)?,
+        revision: row.try_get("revision").map_err(decode)?,
+        updated_at: time(TABLE, row.try_get("updated_at").map_err(decode)?)?,
     })
 }
 
@@ -927,6 +956,11 @@ impl Store for SqliteStore {
             .await
             .map_err(db(OP))?
             .rows_affected();
+        sqlx::query("DELETE FROM binding_breakers WHERE binding_id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(OP))?;
         if deleted > 0 {
             sqlx::query("UPDATE bindings_revision SET revision = revision + 1")
                 .execute(&mut *tx)
@@ -959,6 +993,66 @@ impl Store for SqliteStore {
             .fetch_one(&self.pool)
             .await
             .map_err(db("read bindings revision"))
+    }
+
+    async fn breaker_get(&self, binding_id: &str) -> Result<Option<BreakerRecord>, StoreError> {
+        let row = sqlx::query(select(
+            BREAKER_COLUMNS,
+            "binding_breakers WHERE binding_id = $1",
+        ))
+        .bind(binding_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("read breaker"))?;
+        row.as_ref().map(breaker_record).transpose()
+    }
+
+    async fn breaker_set(
+        &self,
+        binding_id: &str,
+        write: BreakerWrite,
+    ) -> Result<BreakerRecord, StoreError> {
+        let at = now();
+        // $2 state, $3 forced, $4 opened_at, $5 open_until, $6 failures, $7 now.
+        let (state, forced, opened_at, open_until, failures) = match write {
+            BreakerWrite::Closed => ("closed", 0i64, None, None, None),
+            BreakerWrite::Open {
+                open_for,
+                consecutive_failures,
+            } => (
+                "open",
+                0,
+                Some(at),
+                Some(at.saturating_add(lease_micros(open_for))),
+                Some(consecutive_failures.max(0)),
+            ),
+            BreakerWrite::Forced => ("open", 1, Some(at), None, None),
+        };
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO binding_breakers AS b (binding_id, state, forced, opened_at, open_until, \
+                                               consecutive_failures, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             ON CONFLICT (binding_id) DO UPDATE \
+               SET state = excluded.state, forced = excluded.forced, \
+                   opened_at = CASE WHEN excluded.forced = 1 AND b.state = 'open' \
+                                    THEN b.opened_at ELSE excluded.opened_at END, \
+                   open_until = excluded.open_until, \
+                   consecutive_failures = COALESCE(excluded.consecutive_failures, \
+                       CASE WHEN excluded.state = 'open' THEN b.consecutive_failures END), \
+                   revision = b.revision + 1, updated_at = excluded.updated_at \
+             RETURNING {BREAKER_COLUMNS}"
+        )))
+        .bind(binding_id)
+        .bind(state)
+        .bind(forced)
+        .bind(opened_at)
+        .bind(open_until)
+        .bind(failures)
+        .bind(at)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db("write breaker"))?;
+        breaker_record(&row)
     }
 
     async fn state_get(

@@ -696,3 +696,42 @@ mod tests {
         assert_eq!(filter.page_size(), i64::from(MAX_DLQ_PAGE));
     }
 }
+
+/// A binding's circuit breaker as shared between replicas (see [`super::Store::breaker_set`]).
+/// Half-open is not stored: it is an open, not forced, breaker past `open_until`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BreakerRecord {
+    /// The binding.
+    pub binding_id: String,
+    /// Open (or half-open) rather than closed.
+    pub open: bool,
+    /// Opened by an operator until reset.
+    pub forced: bool,
+    /// When it opened, if open.
+    pub opened_at: Option<DateTime<Utc>>,
+    /// When it lets probes through, if open and not forced.
+    pub open_until: Option<DateTime<Utc>>,
+    /// The consecutive failures that opened it, as its writer counted them.
+    pub consecutive_failures: Option<i32>,
+    /// 1 when first written, one more on every write: a reader that saw this revision has
+    /// seen this state.
+    pub revision: i64,
+    /// When it was last written.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A breaker state to share (see [`super::Store::breaker_set`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerWrite {
+    /// Closed: by its probes, or reset by an operator.
+    Closed,
+    /// Opened by failures, from now for `open_for` (at most a day).
+    Open {
+        /// How long until probes may run.
+        open_for: std::time::Duration,
+        /// The consecutive failures that opened it.
+        consecutive_failures: i32,
+    },
+    /// Opened by an operator until reset.
+    Forced,
+}

@@ -26,9 +26,10 @@ use tokio_util::sync::CancellationToken;
 use weir::kafka::{KafkaClientConfig, Relay, RelaySettings, RelayStats};
 use weir::runtime::Header;
 use weir::store::{
-    BindingRecord, CommitOutcome, Completion, DlqEntry, DlqEntryInsert, DlqFilter, HandlerSummary,
-    HandlerVersion, NewTenant, NewToken, OutboxInsert, OutboxRecord, OutboxState, Quota,
-    Resolution, Store, StoreError, Tenant, TenantUsage, TokenRecord,
+    BindingRecord, BreakerRecord, BreakerWrite, CommitOutcome, Completion, DlqEntry,
+    DlqEntryInsert, DlqFilter, HandlerSummary, HandlerVersion, NewTenant, NewToken, OutboxInsert,
+    OutboxRecord, OutboxState, Quota, Resolution, Store, StoreError, Tenant, TenantUsage,
+    TokenRecord,
 };
 use weir_acceptance::{services, unique_name};
 
@@ -578,6 +579,18 @@ impl Store for FlakyStore {
 
     async fn list_bindings(&self) -> Result<Vec<BindingRecord>, StoreError> {
         self.inner.list_bindings().await
+    }
+
+    async fn breaker_get(&self, binding_id: &str) -> Result<Option<BreakerRecord>, StoreError> {
+        self.inner.breaker_get(binding_id).await
+    }
+
+    async fn breaker_set(
+        &self,
+        binding_id: &str,
+        write: BreakerWrite,
+    ) -> Result<BreakerRecord, StoreError> {
+        self.inner.breaker_set(binding_id, write).await
     }
 
     async fn bindings_revision(&self) -> Result<i64, StoreError> {
