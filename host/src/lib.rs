@@ -18,6 +18,7 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod kafka;
+pub mod metrics;
 pub mod pipeline;
 pub mod runtime;
 pub mod serve;

@@ -1,5 +1,7 @@
 //! `weir serve`: the long-running host. Reconciles bindings from the store and runs one
-//! [`Worker`] per binding, the outbox relay, and the health endpoints.
+//! [`Worker`] per binding, the outbox relay, the health endpoints and `/metrics` (one
+//! [`Metrics`] registry per process, shared with the workers and the relay; the store's gauges
+//! sampled every [`METRICS_SAMPLE_EVERY`]).
 //!
 //! Owns the lifecycle of workers: started when a binding appears, restarted when its revision
 //! changes (a new spec), stopped (drained) when it disappears or the process shuts down. When
@@ -28,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::{self, AdminState};
 use crate::config::WeirConfig;
 use crate::kafka::{Relay, RelaySettings};
+use crate::metrics::Metrics;
 use crate::pipeline::intake::PauseSwitch;
 use crate::pipeline::worker::{Worker, WorkerSettings, WorkerStats};
 use crate::pipeline::{BindingSpec, HandlerSlot};
@@ -109,13 +112,22 @@ pub async fn serve(config: WeirConfig, shutdown: CancellationToken) -> Result<()
     );
     let kafka = config.kafka.client_config();
 
+    let metrics = Metrics::new();
     let relay = Relay::new(store.clone(), &kafka, RelaySettings::default())
-        .map_err(|e| ServeError::Relay(e.to_string()))?;
+        .map_err(|e| ServeError::Relay(e.to_string()))?
+        .with_metrics(metrics.relay());
     let relay_task = tokio::spawn(relay.run(shutdown.child_token()));
     let sweeper = tokio::spawn(sweep_processed_keys(
         store.clone(),
         config.pipeline.processed_keys_retention(),
         config.pipeline.processed_keys_sweep_every(),
+        shutdown.child_token(),
+    ));
+
+    let sampler = tokio::spawn(sample_store_gauges(
+        store.clone(),
+        metrics.clone(),
+        METRICS_SAMPLE_EVERY,
         shutdown.child_token(),
     ));
 
@@ -144,6 +156,10 @@ pub async fn serve(config: WeirConfig, shutdown: CancellationToken) -> Result<()
         .route("/health", get(|| async { "ok\n" }))
         .route("/health/ready", get(ready))
         .with_state(health.clone())
+        .route(
+            "/metrics",
+            get(scrape).with_state((metrics.clone(), runtime.clone())),
+        )
         .merge(admin::router(admin));
     let http_shutdown = shutdown.clone();
     let http = tokio::spawn(async move {
@@ -166,7 +182,7 @@ pub async fn serve(config: WeirConfig, shutdown: CancellationToken) -> Result<()
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = ticker.tick() => {
-                match reconcile(&store, &runtime, &consumer_config, &settings, &mut running).await {
+                match reconcile(&store, &runtime, &metrics, &consumer_config, &settings, &mut running).await {
                     Ok(()) => {
                         health.reconciled.store(true, Ordering::Relaxed);
                         *health.bindings.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = running.len();
@@ -184,6 +200,7 @@ pub async fn serve(config: WeirConfig, shutdown: CancellationToken) -> Result<()
     }
     let _ = relay_task.await;
     let _ = sweeper.await;
+    let _ = sampler.await;
     let _ = http.await;
     store.close().await;
     Ok(())
@@ -216,6 +233,61 @@ pub async fn sweep_processed_keys(
     }
 }
 
+/// How often the gauges read from the store (DLQ and outbox pending) are sampled: 10 s.
+pub const METRICS_SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `GET /metrics`: the Prometheus text exposition of the host's registry.
+async fn scrape(
+    State((metrics, runtime)): State<(Arc<Metrics>, Arc<Runtime>)>,
+) -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
+    metrics.observe_cache(&runtime.cache_stats());
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        metrics.render(),
+    )
+}
+
+/// Every `every`, set the gauges that come from the store: the outbox rows not yet published
+/// and the pending DLQ entries per handler (a handler whose entries are all gone drops to 0).
+/// A failed read leaves the last values and is logged at debug level.
+pub async fn sample_store_gauges(
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    every: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seen: std::collections::HashSet<(String, String)> = std::collections::HashSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        match store.outbox_pending().await {
+            Ok(pending) => metrics.set_outbox_pending(pending),
+            Err(e) => tracing::debug!(error = %e, "cannot count pending outbox rows"),
+        }
+        match store.dlq_pending_counts().await {
+            Ok(counts) => {
+                let mut now = std::collections::HashSet::with_capacity(counts.len());
+                for (tenant, handler, pending) in counts {
+                    metrics.set_dlq_pending(&tenant, &handler, pending);
+                    now.insert((tenant, handler));
+                }
+                for (tenant, handler) in seen.difference(&now) {
+                    metrics.set_dlq_pending(tenant, handler, 0);
+                }
+                seen.extend(now);
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot count pending DLQ entries"),
+        }
+    }
+}
+
 async fn ready(State(health): State<Arc<Health>>) -> (StatusCode, String) {
     let store_ok = health.store.bindings_revision().await.is_ok();
     let reconciled = health.reconciled.load(Ordering::Relaxed);
@@ -238,6 +310,7 @@ async fn ready(State(health): State<Arc<Health>>) -> (StatusCode, String) {
 async fn reconcile(
     store: &Arc<dyn Store>,
     runtime: &Arc<Runtime>,
+    metrics: &Arc<Metrics>,
     kafka: &rdkafka::ClientConfig,
     settings: &WorkerSettings,
     running: &mut HashMap<String, Running>,
@@ -307,7 +380,7 @@ async fn reconcile(
         if running.contains_key(&id) {
             continue;
         }
-        match start(store, runtime, kafka, settings, &record, version).await {
+        match start(store, runtime, metrics, kafka, settings, &record, version).await {
             Ok(worker) => {
                 tracing::info!(binding = %id, handler = %record.handler, version, "worker started");
                 running.insert(id, worker);
@@ -321,6 +394,7 @@ async fn reconcile(
 async fn start(
     store: &Arc<dyn Store>,
     runtime: &Arc<Runtime>,
+    metrics: &Arc<Metrics>,
     kafka: &rdkafka::ClientConfig,
     settings: &WorkerSettings,
     record: &BindingRecord,
@@ -346,6 +420,7 @@ async fn start(
         settings: settings.clone(),
         stats: Arc::new(WorkerStats::default()),
         pause: PauseSwitch::default(),
+        metrics: Some(metrics.clone()),
     };
     let (stop, stopped) = watch::channel(false);
     let id = record.id.clone();

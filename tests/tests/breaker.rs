@@ -158,6 +158,7 @@ impl Setup {
             settings: WorkerSettings::default(),
             stats: stats.clone(),
             pause: PauseSwitch::default(),
+            metrics: None,
         };
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move { worker.run(stopped).await.unwrap() });

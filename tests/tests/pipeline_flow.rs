@@ -62,6 +62,7 @@ fn new_worker(
         settings: WorkerSettings::default(),
         stats: stats.clone(),
         pause: PauseSwitch::default(),
+        metrics: None,
     }
 }
 

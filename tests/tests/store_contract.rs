@@ -1855,6 +1855,34 @@ macro_rules! contract {
     };
 }
 
+async fn dlq_pending_counts_are_grouped_by_tenant_and_handler(store: &dyn Store) {
+    assert_eq!(store.dlq_pending_counts().await.unwrap(), Vec::new());
+    let first = store
+        .dlq_insert(&dlq_entry(BINDING, "m1", DlqErrorKind::Permanent, 10))
+        .await
+        .unwrap();
+    store
+        .dlq_insert(&dlq_entry(BINDING, "m2", DlqErrorKind::Trap, 20))
+        .await
+        .unwrap();
+    store
+        .dlq_insert(&dlq_entry(BINDING, "m3", DlqErrorKind::Retryable, 30))
+        .await
+        .unwrap();
+    let mut other = dlq_entry("acme-billing", "m1", DlqErrorKind::Trap, 40);
+    other.handler = "billing".to_owned();
+    store.dlq_insert(&other).await.unwrap();
+    // An entry queued for replay is no longer pending.
+    store.dlq_replay(TENANT, first).await.unwrap();
+    assert_eq!(
+        store.dlq_pending_counts().await.unwrap(),
+        vec![
+            (TENANT.to_owned(), "billing".to_owned(), 1),
+            (TENANT.to_owned(), HANDLER.to_owned(), 2),
+        ]
+    );
+}
+
 contract!(
     handler_versions_are_idempotent_and_activation_swaps,
     bindings_upsert_bumps_revision_and_deletion_is_visible,
@@ -1875,6 +1903,7 @@ contract!(
     state_list_returns_the_values_of_one_key_by_name,
     dlq_replays_are_claimed_with_a_lease_and_marked_by_the_commit,
     breakers_are_shared_by_revision_and_deleted_with_their_binding,
+    dlq_pending_counts_are_grouped_by_tenant_and_handler,
 );
 
 // ---- engine-specific --------------------------------------------------------------------------

@@ -38,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::producer::OutboxProducer;
 use super::{KafkaClientConfig, KafkaConfigError};
+use crate::metrics::RelayMetrics;
 use crate::store::{MAX_OUTBOX_CLAIM, Store, StoreError};
 
 /// Rows claimed at once: enough to fill the producer's batches, few enough that one claim's
@@ -179,6 +180,8 @@ pub struct Relay {
     producer: OutboxProducer,
     settings: RelaySettings,
     stats: Arc<RelayStats>,
+    /// Prometheus handles (a registry of its own unless [`Relay::with_metrics`] gave the host's).
+    metrics: RelayMetrics,
     /// When shutdown must be over, once the shutdown token has fired.
     drain_deadline: Option<Instant>,
 }
@@ -211,8 +214,16 @@ impl Relay {
             producer,
             settings,
             stats: Arc::new(RelayStats::default()),
+            metrics: RelayMetrics::detached(),
             drain_deadline: None,
         })
+    }
+
+    /// Update the host's metrics: published and failed deliveries, and each published row's
+    /// latency from its creation.
+    pub fn with_metrics(mut self, metrics: RelayMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// The relay's counters.
@@ -319,8 +330,8 @@ impl Relay {
         for record in &records {
             match self.producer.enqueue(record) {
                 Ok(delivery) => {
-                    let id = record.id;
-                    deliveries.push(async move { (id, delivery.await) });
+                    let (id, created_at) = (record.id, record.created_at);
+                    deliveries.push(async move { (id, created_at, delivery.await) });
                 }
                 Err(error) => failed.push((record.id, error.to_string())),
             }
@@ -333,8 +344,12 @@ impl Relay {
                 .map_or(report_deadline, |drain| drain.min(report_deadline));
             tokio::select! {
                 biased;
-                Some((id, report)) = deliveries.next() => match report {
-                    Ok(Ok(_delivery)) => sent.push(id),
+                Some((id, created_at, report)) = deliveries.next() => match report {
+                    Ok(Ok(_delivery)) => {
+                        let latency = (chrono::Utc::now() - created_at).to_std().unwrap_or_default();
+                        self.metrics.latency.observe(latency.as_secs_f64());
+                        sent.push(id);
+                    }
                     Ok(Err((error, _record))) => failed.push((id, error.to_string())),
                     Err(_cancelled) => failed.push((id, "the producer closed before reporting the delivery".into())),
                 },
@@ -351,6 +366,8 @@ impl Relay {
 
         RelayStats::add(&self.stats.published, sent.len());
         RelayStats::add(&self.stats.failed, failed.len());
+        self.metrics.published.inc_by(sent.len() as u64);
+        self.metrics.failed.inc_by(failed.len() as u64);
         if unanswered > 0 {
             tracing::warn!(
                 unanswered,

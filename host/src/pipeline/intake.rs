@@ -25,11 +25,13 @@ use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::{BorrowedMessage, Headers, Message as _};
+use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
 use super::worker::WorkerStats;
+use crate::metrics::LagGauge;
 use crate::runtime::{Header, Message};
 
 /// How long the intake waits for room before pausing its partitions.
@@ -87,6 +89,8 @@ pub struct IntakeContext {
     generation: AtomicU64,
     /// Whether the intake holds the assignment paused (for any reason).
     paused: AtomicBool,
+    /// Where librdkafka's statistics put the consumer lag, if anywhere.
+    lag: Option<LagGauge>,
 }
 
 impl IntakeContext {
@@ -97,7 +101,15 @@ impl IntakeContext {
             drain_deadline,
             generation: AtomicU64::new(0),
             paused: AtomicBool::new(false),
+            lag: None,
         }
+    }
+
+    /// Set `lag` from librdkafka's statistics (emitted every `statistics.interval.ms`, on the
+    /// intake thread: never on the executor).
+    pub fn with_lag(mut self, lag: LagGauge) -> Self {
+        self.lag = Some(lag);
+        self
     }
 }
 
@@ -108,7 +120,13 @@ fn partitions(list: &TopicPartitionList) -> Vec<(String, i32)> {
         .collect()
 }
 
-impl ClientContext for IntakeContext {}
+impl ClientContext for IntakeContext {
+    fn stats(&self, statistics: Statistics) {
+        if let Some(lag) = &self.lag {
+            lag.record(&statistics);
+        }
+    }
+}
 
 impl ConsumerContext for IntakeContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {

@@ -61,8 +61,13 @@
 //! or an operator's reset or force-open — so every replica pauses together. No replay is
 //! claimed while the breaker is not closed.
 //!
-//! Not yet here (tracked in the control-plane and resilience issues): per-tenant rate limits;
-//! metrics.
+//! Metrics ([`crate::metrics`]): the binding's handles are resolved once in [`Worker::run`]; the
+//! coordinator counts consumed, committed, duplicate, retried and dead-lettered messages, group
+//! commits and their size, the end-to-end latency at the commit, in-flight invocations and the
+//! breaker's state; the invocation task the duration and the failure kinds; librdkafka's
+//! statistics (every 5 s) the consumer lag.
+//!
+//! Not yet here (tracked in the control-plane and resilience issues): per-tenant rate limits.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -85,6 +90,7 @@ use super::intake::{Batch, Control, IntakeContext, PauseSwitch, intake_loop};
 use super::offsets::PartitionOffsets;
 use super::retry::{Decision, FailureKind, JitterRng};
 use crate::config::PipelineConfig;
+use crate::metrics::{BindingMetrics, Metrics};
 use crate::runtime::{
     ContentHash, ErrorKind, Header, InvocationContext, Message, Outcome, OutputTopics, StateSource,
     TrapKind,
@@ -97,6 +103,10 @@ use crate::store::{
 /// Consumer session timeout when the caller sets none: librdkafka's default, 45 s, longer than
 /// the default drain deadline (20 s).
 const DEFAULT_SESSION_TIMEOUT_MS: &str = "45000";
+
+/// How often librdkafka reports its statistics, from which the consumer lag gauge is set, when
+/// the caller sets no `statistics.interval.ms`: 5 s.
+const LAG_SAMPLE_EVERY_MS: &str = "5000";
 
 /// Batches waiting between the intake thread and the coordinator, at most.
 const INTAKE_BATCHES: usize = 4;
@@ -230,6 +240,9 @@ pub struct Worker {
     pub stats: Arc<WorkerStats>,
     /// Stops and restarts consumption from outside.
     pub pause: PauseSwitch,
+    /// The host's metrics (the worker resolves its binding's handles at start); without them
+    /// the worker counts on a registry of its own.
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 /// Topic index and partition: the unit of ordering and offsets.
@@ -334,7 +347,16 @@ impl Worker {
     ) -> Result<(), WorkerError> {
         let (control_tx, mut control) = mpsc::unbounded_channel::<Control>();
         let (batches_tx, mut batches) = mpsc::channel::<Batch>(INTAKE_BATCHES);
-        let context = IntakeContext::new(control_tx, self.settings.drain_deadline);
+        let metrics = match &self.metrics {
+            Some(metrics) => {
+                metrics.binding(&self.spec.tenant, &self.spec.handler, &self.binding_id)
+            }
+            None => {
+                BindingMetrics::detached(&self.spec.tenant, &self.spec.handler, &self.binding_id)
+            }
+        };
+        let context = IntakeContext::new(control_tx, self.settings.drain_deadline)
+            .with_lag(metrics.lag.clone());
         let mut config = self.kafka.clone();
         config
             .set("group.id", self.spec.group_id())
@@ -346,6 +368,10 @@ impl Worker {
             .set("partition.assignment.strategy", "range,roundrobin");
         if config.get("session.timeout.ms").is_none() {
             config.set("session.timeout.ms", DEFAULT_SESSION_TIMEOUT_MS);
+        }
+        if config.get("statistics.interval.ms").is_none() {
+            // The consumer lag gauge is sampled from these, on the intake thread.
+            config.set("statistics.interval.ms", LAG_SAMPLE_EVERY_MS);
         }
         let consumer_error = |message: String| WorkerError::Consumer {
             binding: self.binding_id.clone(),
@@ -381,7 +407,7 @@ impl Worker {
                 .map_err(|e| consumer_error(format!("cannot start the intake thread: {e}")))?
         };
 
-        let mut coordinator = Coordinator::new(&self, consumer.clone(), breaker_pause);
+        let mut coordinator = Coordinator::new(&self, consumer.clone(), breaker_pause, metrics);
         loop {
             let linger = coordinator.commit_deadline();
             let wake = coordinator.next_wake();
@@ -480,6 +506,8 @@ struct Coordinator {
     consumer: Arc<BaseConsumer<IntakeContext>>,
     settings: WorkerSettings,
     stats: Arc<WorkerStats>,
+    /// The binding's metric handles.
+    metrics: BindingMetrics,
     context: InvocationContext,
     scheduler: KeyScheduler<Pending, Part>,
     offsets: PartitionOffsets<Part>,
@@ -537,6 +565,7 @@ impl Coordinator {
         worker: &Worker,
         consumer: Arc<BaseConsumer<IntakeContext>>,
         breaker_pause: PauseSwitch,
+        metrics: BindingMetrics,
     ) -> Self {
         let spec = Arc::new(worker.spec.clone());
         let context = InvocationContext {
@@ -560,6 +589,7 @@ impl Coordinator {
             consumer,
             settings: worker.settings.clone(),
             stats: worker.stats.clone(),
+            metrics,
             context,
             offsets: PartitionOffsets::default(),
             tickets: HashMap::new(),
@@ -624,6 +654,7 @@ impl Coordinator {
                 tracing::debug!(error = %e, "offset not tracked (redelivery after a rebalance)");
                 continue;
             }
+            self.metrics.consumed.inc();
             let key = message.key.clone();
             let pending = Pending {
                 message: Arc::new(message),
@@ -919,6 +950,11 @@ impl Coordinator {
         let Some(transition) = transition else {
             return;
         };
+        self.metrics.breaker_state.set(match self.breaker.state() {
+            BreakerState::Closed => 0,
+            BreakerState::HalfOpen => 1,
+            BreakerState::Open => 2,
+        });
         let stats = &self.stats;
         match transition {
             Transition::Opened | Transition::ForcedOpen => {
@@ -1054,6 +1090,7 @@ impl Coordinator {
         let message = ticket.message().message.clone();
         let replay_of = ticket.message().replay_of;
         self.running += 1;
+        self.metrics.in_flight.inc();
         let active = self.handler.get().clone();
         if active.version != self.handler_version {
             self.stats
@@ -1074,8 +1111,35 @@ impl Coordinator {
         let done = self.done_tx.clone();
         let binding_id = self.binding_id.clone();
         let spec = self.spec.clone();
+        let metrics = self.metrics.clone();
         tokio::spawn(async move {
-            let report = match handler.invoke(&message, &context).await {
+            let invoked = handler.invoke(&message, &context).await;
+            if let Ok(invocation) = &invoked {
+                metrics
+                    .handler_duration
+                    .observe(invocation.duration.as_secs_f64());
+                match &invocation.outcome {
+                    Outcome::Ok => {}
+                    Outcome::HandlerError {
+                        kind: ErrorKind::Retryable,
+                        ..
+                    } => metrics.failed_retryable.inc(),
+                    Outcome::HandlerError {
+                        kind: ErrorKind::Permanent,
+                        ..
+                    } => metrics.failed_permanent.inc(),
+                    Outcome::Refused { .. } => metrics.failed_refused.inc(),
+                    Outcome::Trap { kind, .. } => {
+                        metrics.trap(*kind);
+                        if *kind == TrapKind::Deadline {
+                            metrics.failed_deadline.inc();
+                        } else {
+                            metrics.failed_trap.inc();
+                        }
+                    }
+                }
+            }
+            let report = match invoked {
                 Err(e) => Done::HostFault {
                     slot,
                     error: e.to_string(),
@@ -1164,6 +1228,7 @@ impl Coordinator {
             Done::Success(..) | Done::Failed { .. } | Done::HostFault { .. }
         ) {
             self.running = self.running.saturating_sub(1);
+            self.metrics.in_flight.dec();
         }
         match done {
             Done::Success(slot, completion) => {
@@ -1221,6 +1286,7 @@ impl Coordinator {
                 self.stats
                     .dead_lettered
                     .fetch_add(1, AtomicOrdering::Relaxed);
+                self.metrics.dead_lettered.inc();
                 self.release(slot);
             }
             Done::Failed {
@@ -1270,6 +1336,7 @@ impl Coordinator {
                 match self.spec.retry.decide(attempt, kind, &mut self.jitter) {
                     Decision::RetryAfter(delay) => {
                         self.stats.retried.fetch_add(1, AtomicOrdering::Relaxed);
+                        self.metrics.retried.inc();
                         tracing::info!(binding = %self.binding_id, message_id = %failed.id, attempt, ?delay, %error, "retrying");
                         let done = self.done_tx.clone();
                         tokio::spawn(async move {
@@ -1481,6 +1548,11 @@ impl Coordinator {
                     (outcomes.len() - duplicates) as u64,
                     AtomicOrdering::Relaxed,
                 );
+                self.metrics.group_commits.inc();
+                self.metrics.commit_batch.observe(outcomes.len() as f64);
+                self.metrics.duplicate.inc_by(duplicates as u64);
+                self.metrics.ok.inc_by((outcomes.len() - duplicates) as u64);
+                self.observe_end_to_end(&slots);
                 self.release_all(&slots);
                 if !self.batch.is_empty() {
                     self.start_commit();
@@ -1499,6 +1571,25 @@ impl Coordinator {
                 self.batch = restored;
                 self.batch_started = Some(Instant::now());
                 tracing::warn!(binding = %self.binding_id, error = %e, backoff = ?self.store_backoff, "group commit failed; will retry");
+            }
+        }
+    }
+
+    /// Observe the end-to-end latency of the committed messages of `slots` that carry a
+    /// timestamp (replays excepted: their timestamp is their first delivery's).
+    fn observe_end_to_end(&self, slots: &[u64]) {
+        let now_ms = Utc::now().timestamp_millis();
+        for slot in slots {
+            let Some(ticket) = self.tickets.get(slot) else {
+                continue;
+            };
+            let pending = ticket.message();
+            if pending.replay_of.is_some() {
+                continue;
+            }
+            if let Some(timestamp) = pending.message.timestamp_ms {
+                let elapsed_ms = now_ms.saturating_sub(timestamp).max(0);
+                self.metrics.end_to_end.observe(elapsed_ms as f64 / 1000.0);
             }
         }
     }

@@ -353,6 +353,11 @@ pub trait Store: Send + Sync {
     /// One of `tenant`'s DLQ entries.
     async fn dlq_get(&self, tenant: &str, id: i64) -> Result<Option<DlqEntry>, StoreError>;
 
+    /// The pending DLQ entries (waiting for an operator) of every handler that has some, as
+    /// `(tenant, handler, count)` in tenant and handler order: one aggregate query, for the
+    /// `weir_dlq_pending` gauge.
+    async fn dlq_pending_counts(&self) -> Result<Vec<(String, String, i64)>, StoreError>;
+
     /// DLQ entries matching `filter`, in id order, at most one page.
     async fn dlq_list(&self, filter: &DlqFilter) -> Result<Vec<DlqEntry>, StoreError>;
 

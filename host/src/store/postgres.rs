@@ -1343,6 +1343,16 @@ impl Store for PgStore {
         row.as_ref().map(dlq_entry).transpose()
     }
 
+    async fn dlq_pending_counts(&self) -> Result<Vec<(String, String, i64)>, StoreError> {
+        sqlx::query_as(
+            "SELECT tenant, handler, count(*) FROM dlq_entries WHERE state = 'pending' \
+             GROUP BY tenant, handler ORDER BY tenant, handler",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("count pending dlq entries"))
+    }
+
     async fn dlq_list(&self, filter: &DlqFilter) -> Result<Vec<DlqEntry>, StoreError> {
         let mut query: QueryBuilder<Postgres> = QueryBuilder::new(concat!(
             "SELECT ",

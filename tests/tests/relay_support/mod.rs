@@ -686,6 +686,10 @@ impl Store for FlakyStore {
         self.inner.dlq_list(filter).await
     }
 
+    async fn dlq_pending_counts(&self) -> Result<Vec<(String, String, i64)>, StoreError> {
+        self.inner.dlq_pending_counts().await
+    }
+
     async fn dlq_resolve(
         &self,
         tenant: &str,

@@ -1,5 +1,5 @@
 //! What the `weir serve` acceptance tests (`cable_cut.rs`, `scaling.rs`,
-//! `postgres_restart.rs`, and `hot_swap_replay.rs`, which produces its own orders after
+//! `postgres_restart.rs`, `metrics.rs`, and `hot_swap_replay.rs`, which produces its own orders after
 //! [`Scenario::deployed`]) share: a scenario — a fresh input topic, the `orders` handler
 //! deployed through the real binary, N orders over K customers produced to the real broker —,
 //! `weir serve` processes to start and kill, and the end-of-run check that every per-key
@@ -222,6 +222,13 @@ impl Scenario {
     /// Start `weir serve` number `n` (its log goes to [`Self::log`]). The process is killed if
     /// the test ends (or fails) without stopping it.
     pub fn start(&self, n: usize) -> Host {
+        self.start_listening(n).0
+    }
+
+    /// [`Self::start`], also answering the port its HTTP server (`/health`, `/metrics`, the
+    /// admin API) listens on, at 127.0.0.1.
+    pub fn start_listening(&self, n: usize) -> (Host, u16) {
+        let port = free_port();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -230,11 +237,11 @@ impl Scenario {
         self.command()
             .arg("serve")
             .env("WEIR_LOG", "info")
-            .env("WEIR_SERVER__LISTEN", format!("127.0.0.1:{}", free_port()))
+            .env("WEIR_SERVER__LISTEN", format!("127.0.0.1:{port}"))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .map(Host)
+            .map(|child| (Host(child), port))
             .expect("start weir serve")
     }
 

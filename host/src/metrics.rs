@@ -1,0 +1,504 @@
+//! Prometheus metrics (`GET /metrics`), named and labelled per STYLE §10: the `weir_` prefix,
+//! unit suffixes, bounded labels (tenant, handler, binding, topic, partition, outcome, kind).
+//!
+//! One [`Metrics`] per host process owns its own [`Registry`] (not the crate's global one, so a
+//! test process can run several hosts) and every metric family. Each worker resolves its
+//! labelled handles once, at start ([`Metrics::binding`]); on the hot path an update is one
+//! atomic operation on a handle, with no lookup, allocation or lock. Gauges that need the store
+//! or librdkafka (DLQ and outbox pending, consumer lag) are sampled off the hot path: the lag
+//! from librdkafka's statistics callback on the intake thread ([`LagGauge`]), the store counts
+//! by one task of `serve`.
+
+use std::sync::Arc;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use rdkafka::statistics::Statistics;
+
+use crate::runtime::{CacheStats, TrapKind};
+
+/// Buckets of one handler invocation, in seconds: 0.5 ms to 10 s.
+const HANDLER_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Buckets of latencies across Kafka and the store, in seconds: 5 ms to 5 min.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+/// Buckets of messages per group commit.
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0];
+
+/// The trap kinds, in the order of [`BindingMetrics::traps`].
+const TRAP_KINDS: [TrapKind; 5] = [
+    TrapKind::Deadline,
+    TrapKind::Memory,
+    TrapKind::StackOverflow,
+    TrapKind::Unreachable,
+    TrapKind::Other,
+];
+
+/// The label value of a trap kind.
+pub fn trap_label(kind: TrapKind) -> &'static str {
+    match kind {
+        TrapKind::Deadline => "deadline",
+        TrapKind::Memory => "memory",
+        TrapKind::StackOverflow => "stack_overflow",
+        TrapKind::Unreachable => "unreachable",
+        TrapKind::Other => "other",
+    }
+}
+
+/// Every metric family of one host process, in its own registry.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    consumed: IntCounterVec,
+    processed: IntCounterVec,
+    failures: IntCounterVec,
+    handler_duration: HistogramVec,
+    end_to_end: HistogramVec,
+    lag: IntGaugeVec,
+    in_flight: IntGaugeVec,
+    group_commits: IntCounterVec,
+    commit_batch: HistogramVec,
+    breaker_state: IntGaugeVec,
+    dlq_pending: IntGaugeVec,
+    outbox_pending: IntGauge,
+    relay_latency: Histogram,
+    relay_published: IntCounter,
+    relay_failed: IntCounter,
+    traps: IntCounterVec,
+    compile_cache: IntCounterVec,
+}
+
+const MESSAGE: &[&str] = &["tenant", "handler", "binding"];
+
+impl Metrics {
+    /// A registry with every family registered (none has a sample until it is updated).
+    pub fn new() -> Arc<Self> {
+        let registry = Registry::new();
+        fn register<C: prometheus::core::Collector + Clone + 'static>(
+            registry: &Registry,
+            collector: Result<C, prometheus::Error>,
+        ) -> C {
+            // The names and labels are constants checked by the tests: neither step can fail.
+            #[allow(clippy::expect_used)]
+            let collector = collector.expect("valid metric definition");
+            #[allow(clippy::expect_used)]
+            registry
+                .register(Box::new(collector.clone()))
+                .expect("metric registered once");
+            collector
+        }
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            register(&registry, IntCounterVec::new(Opts::new(name, help), labels))
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            register(&registry, IntGaugeVec::new(Opts::new(name, help), labels))
+        };
+        let histogram = |name: &str, help: &str, buckets: &[f64], labels: &[&str]| {
+            register(
+                &registry,
+                HistogramVec::new(
+                    HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+                    labels,
+                ),
+            )
+        };
+        let metrics = Self {
+            consumed: counter(
+                "weir_messages_consumed_total",
+                "Records received from Kafka.",
+                MESSAGE,
+            ),
+            processed: counter(
+                "weir_messages_processed_total",
+                "Messages by outcome: ok (effects committed), duplicate (already processed), retried (a retry scheduled), dead_lettered.",
+                &["tenant", "handler", "binding", "outcome"],
+            ),
+            failures: counter(
+                "weir_handler_failures_total",
+                "Failed invocations by kind: retryable, permanent, trap, deadline, refused.",
+                &["tenant", "handler", "binding", "kind"],
+            ),
+            handler_duration: histogram(
+                "weir_handler_duration_seconds",
+                "Wall time of one handler invocation (the guest call).",
+                HANDLER_BUCKETS,
+                MESSAGE,
+            ),
+            end_to_end: histogram(
+                "weir_end_to_end_latency_seconds",
+                "From the record's timestamp to its effects committed.",
+                LATENCY_BUCKETS,
+                MESSAGE,
+            ),
+            lag: gauge(
+                "weir_consumer_lag",
+                "Records between the partition's high watermark and the binding's stored position (sampled from librdkafka's statistics).",
+                &["binding", "topic", "partition"],
+            ),
+            in_flight: gauge("weir_in_flight", "Invocations running now.", &["binding"]),
+            group_commits: counter(
+                "weir_group_commits_total",
+                "Group commits made (one store transaction each).",
+                &["binding"],
+            ),
+            commit_batch: histogram(
+                "weir_commit_batch_size",
+                "Messages per group commit.",
+                BATCH_BUCKETS,
+                &["binding"],
+            ),
+            breaker_state: gauge(
+                "weir_breaker_state",
+                "The binding's circuit breaker: 0 closed, 1 half-open, 2 open.",
+                &["binding"],
+            ),
+            dlq_pending: gauge(
+                "weir_dlq_pending",
+                "DLQ entries waiting for an operator (sampled from the store).",
+                &["tenant", "handler"],
+            ),
+            outbox_pending: register(
+                &registry,
+                IntGauge::new(
+                    "weir_outbox_pending",
+                    "Outbox rows not yet published (sampled from the store).",
+                ),
+            ),
+            relay_latency: register(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "weir_outbox_relay_latency_seconds",
+                        "From an outbox row's creation to the broker's acknowledgement.",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                ),
+            ),
+            relay_published: register(
+                &registry,
+                IntCounter::new(
+                    "weir_outbox_published_total",
+                    "Outbox records the broker acknowledged.",
+                ),
+            ),
+            relay_failed: register(
+                &registry,
+                IntCounter::new(
+                    "weir_outbox_publish_failures_total",
+                    "Outbox deliveries that failed (each is tried again).",
+                ),
+            ),
+            traps: counter(
+                "weir_wasm_traps_total",
+                "Handler traps by kind: deadline, memory, stack_overflow, unreachable, other.",
+                &["binding", "kind"],
+            ),
+            compile_cache: counter(
+                "weir_wasm_compile_cache_total",
+                "Components loaded, by where they came from: memory, disk, compiled.",
+                &["result"],
+            ),
+            registry,
+        };
+        Arc::new(metrics)
+    }
+
+    /// The handles of one binding, resolved once (at the worker's start).
+    pub fn binding(&self, tenant: &str, handler: &str, binding: &str) -> BindingMetrics {
+        let message = [tenant, handler, binding];
+        let processed = |outcome: &str| {
+            self.processed
+                .with_label_values(&[tenant, handler, binding, outcome])
+        };
+        let failure = |kind: &str| {
+            self.failures
+                .with_label_values(&[tenant, handler, binding, kind])
+        };
+        BindingMetrics {
+            consumed: self.consumed.with_label_values(&message),
+            ok: processed("ok"),
+            duplicate: processed("duplicate"),
+            retried: processed("retried"),
+            dead_lettered: processed("dead_lettered"),
+            failed_retryable: failure("retryable"),
+            failed_permanent: failure("permanent"),
+            failed_trap: failure("trap"),
+            failed_deadline: failure("deadline"),
+            failed_refused: failure("refused"),
+            traps: TRAP_KINDS
+                .map(|kind| self.traps.with_label_values(&[binding, trap_label(kind)])),
+            handler_duration: self.handler_duration.with_label_values(&message),
+            end_to_end: self.end_to_end.with_label_values(&message),
+            in_flight: self.in_flight.with_label_values(&[binding]),
+            group_commits: self.group_commits.with_label_values(&[binding]),
+            commit_batch: self.commit_batch.with_label_values(&[binding]),
+            breaker_state: self.breaker_state.with_label_values(&[binding]),
+            lag: LagGauge {
+                gauge: self.lag.clone(),
+                binding: binding.to_owned(),
+            },
+        }
+    }
+
+    /// The relay's handles.
+    pub fn relay(&self) -> RelayMetrics {
+        RelayMetrics {
+            latency: self.relay_latency.clone(),
+            published: self.relay_published.clone(),
+            failed: self.relay_failed.clone(),
+        }
+    }
+
+    /// Set the outbox rows not yet published.
+    pub fn set_outbox_pending(&self, pending: i64) {
+        self.outbox_pending.set(pending);
+    }
+
+    /// Set the pending DLQ entries of a handler.
+    pub fn set_dlq_pending(&self, tenant: &str, handler: &str, pending: i64) {
+        self.dlq_pending
+            .with_label_values(&[tenant, handler])
+            .set(pending);
+    }
+
+    /// Bring the compile-cache counters up to the runtime's (which only grow).
+    pub fn observe_cache(&self, stats: &CacheStats) {
+        for (result, total) in [
+            ("memory", stats.memory_hits),
+            ("disk", stats.disk_hits),
+            ("compiled", stats.compiled),
+        ] {
+            let counter = self.compile_cache.with_label_values(&[result]);
+            counter.inc_by(total.saturating_sub(counter.get()));
+        }
+    }
+
+    /// The text exposition of every family.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buffer) {
+            tracing::warn!(error = %e, "cannot encode the metrics");
+        }
+        String::from_utf8(buffer).unwrap_or_default()
+    }
+}
+
+/// The handles one worker updates, resolved once.
+#[derive(Clone)]
+pub struct BindingMetrics {
+    /// Records received.
+    pub consumed: IntCounter,
+    /// Effects committed.
+    pub ok: IntCounter,
+    /// Found already processed.
+    pub duplicate: IntCounter,
+    /// Retries scheduled.
+    pub retried: IntCounter,
+    /// Dead-lettered.
+    pub dead_lettered: IntCounter,
+    /// The handler returned a retryable error.
+    pub failed_retryable: IntCounter,
+    /// The handler returned a permanent error.
+    pub failed_permanent: IntCounter,
+    /// The handler trapped (other than its deadline).
+    pub failed_trap: IntCounter,
+    /// The handler ran past its deadline.
+    pub failed_deadline: IntCounter,
+    /// The runtime refused the invocation.
+    pub failed_refused: IntCounter,
+    traps: [IntCounter; 5],
+    /// One invocation's guest time.
+    pub handler_duration: Histogram,
+    /// Record timestamp → effects committed.
+    pub end_to_end: Histogram,
+    /// Invocations running.
+    pub in_flight: IntGauge,
+    /// Group commits made.
+    pub group_commits: IntCounter,
+    /// Messages per group commit.
+    pub commit_batch: Histogram,
+    /// 0 closed, 1 half-open, 2 open.
+    pub breaker_state: IntGauge,
+    /// The consumer lag of the binding's partitions.
+    pub lag: LagGauge,
+}
+
+impl BindingMetrics {
+    /// Handles on a registry of their own, for a worker run without a host (tests).
+    pub fn detached(tenant: &str, handler: &str, binding: &str) -> Self {
+        Metrics::new().binding(tenant, handler, binding)
+    }
+
+    /// Count a trap of `kind`.
+    pub fn trap(&self, kind: TrapKind) {
+        let index = TRAP_KINDS.iter().position(|k| *k == kind).unwrap_or(4);
+        self.traps[index].inc();
+    }
+}
+
+/// The consumer lag of one binding's partitions, set from librdkafka's statistics (on the
+/// intake thread, every statistics interval).
+#[derive(Clone)]
+pub struct LagGauge {
+    gauge: IntGaugeVec,
+    binding: String,
+}
+
+impl LagGauge {
+    /// Set the lag of every partition the statistics show assigned (high watermark minus the
+    /// stored offset, or the committed one before any was stored); forget the others.
+    pub fn record(&self, statistics: &Statistics) {
+        for (topic, stats) in &statistics.topics {
+            for (partition, p) in &stats.partitions {
+                if *partition < 0 {
+                    continue; // librdkafka's internal "unassigned" partition
+                }
+                let label = partition.to_string();
+                let labels = [self.binding.as_str(), topic.as_str(), label.as_str()];
+                let lag = if p.consumer_lag_stored >= 0 {
+                    p.consumer_lag_stored
+                } else {
+                    p.consumer_lag
+                };
+                if p.fetch_state == "none" || p.fetch_state == "stopped" {
+                    let _ = self.gauge.remove_label_values(&labels);
+                } else if lag >= 0 {
+                    self.gauge.with_label_values(&labels).set(lag);
+                }
+            }
+        }
+    }
+
+    /// Set one partition's lag (for tests and for sources other than the statistics).
+    pub fn set(&self, topic: &str, partition: i32, lag: i64) {
+        self.gauge
+            .with_label_values(&[self.binding.as_str(), topic, &partition.to_string()])
+            .set(lag);
+    }
+}
+
+/// The handles the outbox relay updates.
+#[derive(Clone)]
+pub struct RelayMetrics {
+    /// Row created → published.
+    pub latency: Histogram,
+    /// Records acknowledged.
+    pub published: IntCounter,
+    /// Deliveries failed.
+    pub failed: IntCounter,
+}
+
+impl RelayMetrics {
+    /// Handles on a registry of their own, for a relay run without a host.
+    pub fn detached() -> Self {
+        Metrics::new().relay()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exposition_has_every_family_with_its_labels() {
+        let metrics = Metrics::new();
+        let binding = metrics.binding("acme", "orders", "acme-orders");
+        binding.consumed.inc_by(3);
+        binding.ok.inc_by(2);
+        binding.duplicate.inc();
+        binding.retried.inc();
+        binding.dead_lettered.inc();
+        binding.failed_retryable.inc();
+        binding.failed_trap.inc();
+        binding.trap(TrapKind::Unreachable);
+        binding.handler_duration.observe(0.002);
+        binding.end_to_end.observe(0.2);
+        binding.in_flight.inc();
+        binding.group_commits.inc();
+        binding.commit_batch.observe(3.0);
+        binding.breaker_state.set(2);
+        binding.lag.set("orders", 0, 7);
+        metrics.set_dlq_pending("acme", "orders", 4);
+        metrics.set_outbox_pending(5);
+        let relay = metrics.relay();
+        relay.latency.observe(0.05);
+        relay.published.inc();
+        relay.failed.inc();
+        metrics.observe_cache(&CacheStats {
+            memory_hits: 2,
+            disk_hits: 1,
+            compiled: 1,
+        });
+        metrics.observe_cache(&CacheStats {
+            memory_hits: 3,
+            disk_hits: 1,
+            compiled: 1,
+        });
+
+        let text = metrics.render();
+        for line in [
+            "weir_messages_consumed_total{binding=\"acme-orders\",handler=\"orders\",tenant=\"acme\"} 3",
+            "weir_messages_processed_total{binding=\"acme-orders\",handler=\"orders\",outcome=\"ok\",tenant=\"acme\"} 2",
+            "weir_messages_processed_total{binding=\"acme-orders\",handler=\"orders\",outcome=\"duplicate\",tenant=\"acme\"} 1",
+            "weir_messages_processed_total{binding=\"acme-orders\",handler=\"orders\",outcome=\"retried\",tenant=\"acme\"} 1",
+            "weir_messages_processed_total{binding=\"acme-orders\",handler=\"orders\",outcome=\"dead_lettered\",tenant=\"acme\"} 1",
+            "weir_handler_failures_total{binding=\"acme-orders\",handler=\"orders\",kind=\"retryable\",tenant=\"acme\"} 1",
+            "weir_handler_failures_total{binding=\"acme-orders\",handler=\"orders\",kind=\"trap\",tenant=\"acme\"} 1",
+            "weir_handler_failures_total{binding=\"acme-orders\",handler=\"orders\",kind=\"refused\",tenant=\"acme\"} 0",
+            "weir_handler_duration_seconds_count{binding=\"acme-orders\",handler=\"orders\",tenant=\"acme\"} 1",
+            "weir_end_to_end_latency_seconds_bucket{binding=\"acme-orders\",handler=\"orders\",tenant=\"acme\",le=\"0.25\"} 1",
+            "weir_consumer_lag{binding=\"acme-orders\",partition=\"0\",topic=\"orders\"} 7",
+            "weir_in_flight{binding=\"acme-orders\"} 1",
+            "weir_group_commits_total{binding=\"acme-orders\"} 1",
+            "weir_commit_batch_size_sum{binding=\"acme-orders\"} 3",
+            "weir_breaker_state{binding=\"acme-orders\"} 2",
+            "weir_dlq_pending{handler=\"orders\",tenant=\"acme\"} 4",
+            "weir_outbox_pending 5",
+            "weir_outbox_relay_latency_seconds_count 1",
+            "weir_outbox_published_total 1",
+            "weir_outbox_publish_failures_total 1",
+            "weir_wasm_traps_total{binding=\"acme-orders\",kind=\"unreachable\"} 1",
+            "weir_wasm_compile_cache_total{result=\"memory\"} 3",
+            "weir_wasm_compile_cache_total{result=\"disk\"} 1",
+            "weir_wasm_compile_cache_total{result=\"compiled\"} 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in:\n{text}"
+            );
+        }
+        for family in ["counter", "histogram", "gauge"] {
+            assert!(text.contains(&format!(" {family}\n")), "{family}");
+        }
+        // No label outside STYLE §10's set.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            if let Some(labels) = line.split_once('{').map(|(_, rest)| rest) {
+                for pair in labels.split('}').next().unwrap_or("").split(',') {
+                    let name = pair.split('=').next().unwrap_or("");
+                    assert!(
+                        [
+                            "tenant",
+                            "handler",
+                            "binding",
+                            "topic",
+                            "partition",
+                            "outcome",
+                            "kind",
+                            "result",
+                            "le"
+                        ]
+                        .contains(&name),
+                        "unexpected label {name} in {line}"
+                    );
+                }
+            }
+        }
+    }
+}
