@@ -12,8 +12,8 @@
 use std::sync::Arc;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Counter, CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use rdkafka::statistics::Statistics;
 
@@ -73,6 +73,8 @@ pub struct Metrics {
     relay_failed: IntCounter,
     traps: IntCounterVec,
     compile_cache: IntCounterVec,
+    rate_limit_waits: IntCounterVec,
+    rate_limit_wait_seconds: CounterVec,
 }
 
 const MESSAGE: &[&str] = &["tenant", "handler", "binding"];
@@ -205,6 +207,21 @@ impl Metrics {
                 "Components loaded, by where they came from: memory, disk, compiled.",
                 &["result"],
             ),
+            rate_limit_waits: counter(
+                "weir_rate_limit_waits_total",
+                "Times a binding of the tenant found the tenant's token bucket empty and stopped dispatching until it refilled.",
+                &["tenant"],
+            ),
+            rate_limit_wait_seconds: register(
+                &registry,
+                CounterVec::new(
+                    Opts::new(
+                        "weir_rate_limit_wait_seconds_total",
+                        "Time the tenant's bindings spent waiting for its token bucket, summed over bindings.",
+                    ),
+                    &["tenant"],
+                ),
+            ),
             registry,
         };
         Arc::new(metrics)
@@ -240,6 +257,8 @@ impl Metrics {
             group_commits: self.group_commits.with_label_values(&[binding]),
             commit_batch: self.commit_batch.with_label_values(&[binding]),
             breaker_state: self.breaker_state.with_label_values(&[binding]),
+            rate_limit_waits: self.rate_limit_waits.with_label_values(&[tenant]),
+            rate_limit_wait_seconds: self.rate_limit_wait_seconds.with_label_values(&[tenant]),
             lag: LagGauge {
                 gauge: self.lag.clone(),
                 binding: binding.to_owned(),
@@ -326,6 +345,10 @@ pub struct BindingMetrics {
     pub commit_batch: Histogram,
     /// 0 closed, 1 half-open, 2 open.
     pub breaker_state: IntGauge,
+    /// Waits for the tenant's token bucket (shared by the tenant's bindings).
+    pub rate_limit_waits: IntCounter,
+    /// Seconds spent waiting for the tenant's token bucket (shared by the tenant's bindings).
+    pub rate_limit_wait_seconds: Counter,
     /// The consumer lag of the binding's partitions.
     pub lag: LagGauge,
 }
@@ -424,6 +447,8 @@ mod tests {
         binding.group_commits.inc();
         binding.commit_batch.observe(3.0);
         binding.breaker_state.set(2);
+        binding.rate_limit_waits.inc();
+        binding.rate_limit_wait_seconds.inc_by(0.5);
         binding.lag.set("orders", 0, 7);
         metrics.set_dlq_pending("acme", "orders", 4);
         metrics.set_outbox_pending(5);
@@ -460,6 +485,8 @@ mod tests {
             "weir_commit_batch_size_sum{binding=\"acme-orders\"} 3",
             "weir_breaker_state{binding=\"acme-orders\"} 2",
             "weir_dlq_pending{handler=\"orders\",tenant=\"acme\"} 4",
+            "weir_rate_limit_waits_total{tenant=\"acme\"} 1",
+            "weir_rate_limit_wait_seconds_total{tenant=\"acme\"} 0.5",
             "weir_outbox_pending 5",
             "weir_outbox_relay_latency_seconds_count 1",
             "weir_outbox_published_total 1",

@@ -12,7 +12,10 @@
 //! logged and left out (the worker keeps its version) until another one is activated. Every
 //! host process does the same from the same store, so a second process joins the same consumer
 //! groups and Kafka spreads the partitions, and each swaps versions on its own next
-//! reconciliation. Knows nothing of SQL, librdkafka settings or wasmtime beyond the modules'
+//! reconciliation. Tenants' rate limits are refreshed at every reconciliation too: one
+//! [`TenantLimiter`] per tenant on this host ([`RateLimits`]), shared by the workers of all the
+//! tenant's bindings here, so a changed limit applies to running workers without a restart.
+//! Knows nothing of SQL, librdkafka settings or wasmtime beyond the modules'
 //! public APIs.
 
 use std::collections::HashMap;
@@ -32,10 +35,11 @@ use crate::config::WeirConfig;
 use crate::kafka::{Relay, RelaySettings};
 use crate::metrics::Metrics;
 use crate::pipeline::intake::PauseSwitch;
+use crate::pipeline::rate_limit::{RateLimits, TenantLimiter};
 use crate::pipeline::worker::{Worker, WorkerSettings, WorkerStats};
 use crate::pipeline::{BindingSpec, HandlerSlot};
 use crate::runtime::{HandlerComponent, HandlerPool, Runtime};
-use crate::store::{BindingRecord, Store};
+use crate::store::{BindingRecord, RateLimit, Store};
 
 /// Why the host could not start.
 #[derive(Debug, thiserror::Error)]
@@ -176,13 +180,14 @@ pub async fn serve(config: WeirConfig, shutdown: CancellationToken) -> Result<()
         config.kafka.session_timeout_ms.to_string(),
     );
     let mut running: HashMap<String, Running> = HashMap::new();
+    let rate_limits = Arc::new(RateLimits::default());
     let mut ticker = tokio::time::interval(config.pipeline.reconcile_every());
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = ticker.tick() => {
-                match reconcile(&store, &runtime, &metrics, &consumer_config, &settings, &mut running).await {
+                match reconcile(&store, &runtime, &metrics, &rate_limits, &consumer_config, &settings, &mut running).await {
                     Ok(()) => {
                         health.reconciled.store(true, Ordering::Relaxed);
                         *health.bindings.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = running.len();
@@ -311,10 +316,20 @@ async fn reconcile(
     store: &Arc<dyn Store>,
     runtime: &Arc<Runtime>,
     metrics: &Arc<Metrics>,
+    rate_limits: &Arc<RateLimits>,
     kafka: &rdkafka::ClientConfig,
     settings: &WorkerSettings,
     running: &mut HashMap<String, Running>,
 ) -> Result<(), crate::store::StoreError> {
+    // Tenants' rate limits first: the workers already running share their tenant's limiter
+    // and follow the change at their next message.
+    let limits: HashMap<String, RateLimit> = store
+        .list_tenants()
+        .await?
+        .into_iter()
+        .filter_map(|tenant| Some((tenant.id, tenant.rate_limit?)))
+        .collect();
+    rate_limits.refresh(&limits);
     let records = store.list_bindings().await?;
     let mut desired: HashMap<String, (BindingRecord, i32)> = HashMap::new();
     for record in records {
@@ -380,7 +395,12 @@ async fn reconcile(
         if running.contains_key(&id) {
             continue;
         }
-        match start(store, runtime, metrics, kafka, settings, &record, version).await {
+        let limiter = rate_limits.tenant(&record.tenant);
+        match start(
+            store, runtime, metrics, limiter, kafka, settings, &record, version,
+        )
+        .await
+        {
             Ok(worker) => {
                 tracing::info!(binding = %id, handler = %record.handler, version, "worker started");
                 running.insert(id, worker);
@@ -391,10 +411,12 @@ async fn reconcile(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn start(
     store: &Arc<dyn Store>,
     runtime: &Arc<Runtime>,
     metrics: &Arc<Metrics>,
+    rate_limit: Arc<TenantLimiter>,
     kafka: &rdkafka::ClientConfig,
     settings: &WorkerSettings,
     record: &BindingRecord,
@@ -421,6 +443,7 @@ async fn start(
         stats: Arc::new(WorkerStats::default()),
         pause: PauseSwitch::default(),
         metrics: Some(metrics.clone()),
+        rate_limit: Some(rate_limit),
     };
     let (stop, stopped) = watch::channel(false);
     let id = record.id.clone();

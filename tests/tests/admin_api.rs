@@ -1062,6 +1062,116 @@ async fn an_expired_token_stops_working() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_rate_limit_is_set_shown_and_removed_by_the_admin_only() {
+    let api = Api::start().await;
+    let (acme, token) = api.tenant("acme", json!({})).await;
+    let path = format!("/v1/tenants/{acme}/rate-limit");
+    let (status, view) = api
+        .call(
+            Method::GET,
+            &format!("/v1/tenants/{acme}"),
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, &view["rate_limit"]),
+        (StatusCode::OK, &Value::Null)
+    );
+
+    let limit = json!({"messages_per_second": 200, "burst": 20});
+    let (status, view) = api
+        .call(Method::PUT, &path, Some(ADMIN), Some(limit.clone()))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    assert_eq!(view["rate_limit"], limit);
+    // Shown to the tenant too, and kept in the store.
+    let (status, view) = api
+        .call(
+            Method::GET,
+            &format!("/v1/tenants/{acme}"),
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!((status, &view["rate_limit"]), (StatusCode::OK, &limit));
+    let stored = api.store.tenant(&acme).await.unwrap().unwrap();
+    assert_eq!(
+        stored.rate_limit.map(|l| (l.messages_per_second, l.burst)),
+        Some((200, 20))
+    );
+
+    // A tenant cannot set or remove its own limit.
+    let (status, value) = api
+        .call(
+            Method::PUT,
+            &path,
+            Some(&token),
+            Some(json!({"messages_per_second": 1000, "burst": 1000})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{value}");
+    let (status, _) = api.call(Method::DELETE, &path, Some(&token), None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    // Bad bodies name their field and change nothing.
+    for (body, expected) in [
+        (
+            json!({"messages_per_second": 0, "burst": 20}),
+            "messages_per_second",
+        ),
+        (
+            json!({"messages_per_second": -5, "burst": 20}),
+            "messages_per_second",
+        ),
+        (json!({"messages_per_second": 200, "burst": 0}), "burst"),
+        (
+            json!({"messages_per_second": 200, "burst": 5_000_000_000_i64}),
+            "burst",
+        ),
+    ] {
+        let (status, value) = api
+            .call(Method::PUT, &path, Some(ADMIN), Some(body.clone()))
+            .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {value}");
+        assert_eq!(field(&value), expected, "{body}: {value}");
+    }
+    for body in [
+        json!({"messages_per_second": 200}),
+        json!({"messages_per_second": 200, "burst": 20, "per_host": true}),
+        json!({"messages_per_second": 2.5, "burst": 20}),
+    ] {
+        let (status, value) = api
+            .call(Method::PUT, &path, Some(ADMIN), Some(body.clone()))
+            .await;
+        assert!(status.is_client_error(), "{body}: {status} {value}");
+        code(&value);
+    }
+    let stored = api.store.tenant(&acme).await.unwrap().unwrap();
+    assert_eq!(stored.rate_limit.map(|l| l.messages_per_second), Some(200));
+
+    // An unknown tenant is 404; removing the limit shows none.
+    let (status, _) = api
+        .call(
+            Method::PUT,
+            "/v1/tenants/no-such-tenant/rate-limit",
+            Some(ADMIN),
+            Some(limit),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, view) = api.call(Method::DELETE, &path, Some(ADMIN), None).await;
+    assert_eq!(
+        (status, &view["rate_limit"]),
+        (StatusCode::OK, &Value::Null)
+    );
+    assert_eq!(
+        api.store.tenant(&acme).await.unwrap().unwrap().rate_limit,
+        None
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openapi_document_lists_every_route() {
     let api = Api::start().await;
     let (status, doc) = api.call(Method::GET, "/v1/openapi.json", None, None).await;
@@ -1071,6 +1181,7 @@ async fn the_openapi_document_lists_every_route() {
     for path in [
         "/v1/tenants",
         "/v1/tenants/{tenant}/tokens",
+        "/v1/tenants/{tenant}/rate-limit",
         "/v1/tenants/{tenant}/handlers/{name}/versions",
         "/v1/tenants/{tenant}/handlers/{name}/activate",
         "/v1/tenants/{tenant}/bindings/{id}",

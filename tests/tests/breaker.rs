@@ -159,6 +159,7 @@ impl Setup {
             stats: stats.clone(),
             pause: PauseSwitch::default(),
             metrics: None,
+            rate_limit: None,
         };
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move { worker.run(stopped).await.unwrap() });

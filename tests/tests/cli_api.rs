@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use serde_json::Value;
+use serde_json::{Value, json};
 use weir_acceptance::{component, services, unique_name, weir_binary};
 
 const ADMIN: &str = "cli-admin-token-0123456789abcdef";
@@ -258,6 +258,53 @@ async fn the_cli_drives_the_admin_api_end_to_end() {
     );
     let token = token["token"].as_str().unwrap().to_owned();
     let token = Some(token.as_str());
+
+    // The tenant's rate limit (admin): set, shown, refused to the tenant, validated, removed.
+    let limited = host.json(
+        Some(ADMIN),
+        &[
+            "tenant",
+            "rate-limit",
+            &tenant,
+            "--per-second",
+            "200",
+            "--burst",
+            "20",
+        ],
+    );
+    assert_eq!(
+        limited["rate_limit"],
+        json!({"messages_per_second": 200, "burst": 20})
+    );
+    let shown = host.json(token, &["tenant", "show"]);
+    assert_eq!(shown["rate_limit"]["messages_per_second"], 200);
+    let human = host.weir(token, &["tenant", "show"]);
+    assert!(
+        text(&human.stdout).contains("200 messages/s per host, burst 20"),
+        "{}",
+        text(&human.stdout)
+    );
+    host.fails(
+        token,
+        6,
+        &["tenant", "rate-limit", &tenant, "--per-second", "9999"],
+    );
+    let zero = host.fails(
+        Some(ADMIN),
+        2,
+        &[
+            "tenant",
+            "rate-limit",
+            &tenant,
+            "--per-second",
+            "0",
+            "--burst",
+            "5",
+        ],
+    );
+    assert_eq!(zero["error"]["field"], "messages_per_second", "{zero}");
+    let off = host.json(Some(ADMIN), &["tenant", "rate-limit", &tenant, "--off"]);
+    assert_eq!(off["rate_limit"], Value::Null);
     // The admin token acts for no tenant: commands that need one say so (usage, 2).
     let usage = host.fails(Some(ADMIN), 2, &["handler", "list"]);
     assert!(

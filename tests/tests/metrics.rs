@@ -158,3 +158,89 @@ async fn the_scrape_shows_counters_rising_histograms_filling_and_the_lag_drainin
     let ((lost, doubled), _) = run.verify().await;
     assert_eq!((lost, doubled), (0, 0));
 }
+
+/// POST to the admin API of the host on `port` with the admin token.
+async fn admin_post(port: u16, path: &str) {
+    let response = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}{path}"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        response.status().is_success(),
+        "{path}: {}",
+        response.status()
+    );
+}
+
+const ADMIN: &str = "metrics-test-admin-token-0123";
+
+/// The binding's lag over all its partitions, once every partition has been sampled.
+fn binding_lag(text: &str, binding: &str) -> Option<f64> {
+    let samples = text
+        .lines()
+        .filter(|l| l.starts_with("weir_consumer_lag{") && l.contains(binding))
+        .count();
+    (samples == PARTITIONS as usize).then(|| value(text, "weir_consumer_lag", &[binding]))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lag_gauge_follows_a_paused_binding() {
+    let mut run = Scenario::new("lagpause", PARTITIONS, 10, KEYS).await;
+    run.set_env("WEIR_SERVER__ADMIN_TOKEN", ADMIN);
+    let (mut host, port) = run.start_listening(0);
+    run.wait_for(10, &mut [&mut host], Duration::from_secs(120))
+        .await;
+    let binding = format!("binding=\"{}\"", run.binding_id);
+    let breaker = format!(
+        "/v1/tenants/{}/bindings/{}/breaker",
+        run.tenant, run.binding_id
+    );
+
+    // Paused by an operator: messages produced now wait in Kafka, and the lag shows them.
+    admin_post(port, &format!("{breaker}/open")).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    run.produce(BATCH, KEYS).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let paused_lag = loop {
+        let text = scrape(port).await;
+        if let Some(lag) = binding_lag(&text, &binding)
+            && lag >= BATCH as f64
+        {
+            break lag;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the lag never showed the paused backlog:\n{}",
+            text.lines()
+                .filter(|l| l.contains("weir_consumer_lag"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(
+        run.processed().await,
+        10,
+        "messages ran while the binding was paused"
+    );
+
+    // Resumed: the backlog drains and the lag returns to 0.
+    admin_post(port, &format!("{breaker}/reset")).await;
+    run.wait_for(10 + BATCH, &mut [&mut host], Duration::from_secs(120))
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = scrape(port).await;
+        if binding_lag(&text, &binding) == Some(0.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the lag never returned to 0");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    eprintln!("lag while paused: {paused_lag} (backlog {BATCH}); after resume: 0");
+    run.terminate(&mut host);
+    let ((lost, doubled), _) = run.verify().await;
+    assert_eq!((lost, doubled), (0, 0));
+}

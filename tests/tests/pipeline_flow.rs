@@ -63,6 +63,7 @@ fn new_worker(
         stats: stats.clone(),
         pause: PauseSwitch::default(),
         metrics: None,
+        rate_limit: None,
     }
 }
 

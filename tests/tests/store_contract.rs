@@ -15,8 +15,8 @@ use serde_json::json;
 use weir::runtime::{Header, StateWrite};
 use weir::store::{
     BreakerWrite, CommitOutcome, Completion, DlqEntryInsert, DlqErrorKind, DlqFilter, DlqState,
-    NewTenant, NewToken, OutboxInsert, OutboxState, Quota, Resolution, Store, StoreError,
-    TenantUsage, TokenRecord,
+    NewTenant, NewToken, OutboxInsert, OutboxState, Quota, RateLimit, Resolution, Store,
+    StoreError, TenantUsage, TokenRecord,
 };
 
 /// Bound on waits for a notification; generous, the two cores are shared with the compiler.
@@ -1275,6 +1275,76 @@ async fn tenants_are_created_listed_and_deleted_when_empty(store: &dyn Store) {
     assert!(store.list_tokens(TENANT).await.unwrap().is_empty());
 }
 
+async fn tenant_rate_limits_are_set_read_and_removed(store: &dyn Store) {
+    let acme = store.create_tenant(&new_tenant(TENANT)).await.unwrap();
+    assert_eq!(acme.rate_limit, None);
+    store.create_tenant(&new_tenant("globex")).await.unwrap();
+    let limit = RateLimit {
+        messages_per_second: 200,
+        burst: 20,
+    };
+    let set = store
+        .set_tenant_rate_limit(TENANT, Some(limit))
+        .await
+        .unwrap();
+    assert_eq!(set.rate_limit, Some(limit));
+    assert_eq!(set.quota, acme.quota);
+    assert_eq!(store.tenant(TENANT).await.unwrap(), Some(set.clone()));
+    let listed = store.list_tenants().await.unwrap();
+    let limits: Vec<_> = listed
+        .iter()
+        .map(|t| (t.id.as_str(), t.rate_limit))
+        .collect();
+    assert_eq!(limits, vec![(TENANT, Some(limit)), ("globex", None)]);
+
+    // Changed in place.
+    let faster = RateLimit {
+        messages_per_second: 1000,
+        burst: 1,
+    };
+    store
+        .set_tenant_rate_limit(TENANT, Some(faster))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.tenant(TENANT).await.unwrap().unwrap().rate_limit,
+        Some(faster)
+    );
+
+    // Zero is refused and changes nothing.
+    for bad in [
+        RateLimit {
+            messages_per_second: 0,
+            burst: 1,
+        },
+        RateLimit {
+            messages_per_second: 1,
+            burst: 0,
+        },
+    ] {
+        let error = store
+            .set_tenant_rate_limit(TENANT, Some(bad))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, StoreError::Invalid(_)), "{error}");
+    }
+    assert_eq!(
+        store.tenant(TENANT).await.unwrap().unwrap().rate_limit,
+        Some(faster)
+    );
+
+    // Removed; a tenant without a row has no limit to set.
+    let removed = store.set_tenant_rate_limit(TENANT, None).await.unwrap();
+    assert_eq!(removed.rate_limit, None);
+    assert_eq!(store.tenant(TENANT).await.unwrap(), Some(acme));
+    let missing = store
+        .set_tenant_rate_limit("initech", Some(limit))
+        .await
+        .unwrap_err();
+    assert!(matches!(missing, StoreError::NotFound(_)), "{missing}");
+    assert_eq!(store.tenant("initech").await.unwrap(), None);
+}
+
 async fn tokens_are_found_by_hash_and_revoked_by_their_tenant(store: &dyn Store) {
     store.create_tenant(&new_tenant(TENANT)).await.unwrap();
     store.create_tenant(&new_tenant("globex")).await.unwrap();
@@ -1899,6 +1969,7 @@ contract!(
     quotas_count_handlers_and_bytes_in_the_upload,
     handlers_are_listed_and_deleted_unless_a_binding_runs_them,
     tenants_are_created_listed_and_deleted_when_empty,
+    tenant_rate_limits_are_set_read_and_removed,
     tokens_are_found_by_hash_and_revoked_by_their_tenant,
     state_list_returns_the_values_of_one_key_by_name,
     dlq_replays_are_claimed_with_a_lease_and_marked_by_the_commit,

@@ -65,7 +65,8 @@ impl AdminState {
     info(title = "Weir admin API", description = "Tenants, handlers, bindings, the DLQ and ingest. Authenticate with `Authorization: Bearer <token>`."),
     paths(
         tenants::whoami, tenants::create_tenant, tenants::list_tenants, tenants::get_tenant,
-        tenants::delete_tenant, tenants::create_token, tenants::list_tokens, tenants::revoke_token,
+        tenants::delete_tenant, tenants::set_rate_limit, tenants::remove_rate_limit,
+        tenants::create_token, tenants::list_tokens, tenants::revoke_token,
         handlers::upload_version, handlers::list_handlers, handlers::get_handler,
         handlers::delete_handler, handlers::activate, handlers::rollback, dlq::state,
         bindings::create_binding, bindings::list_bindings, bindings::get_binding,
@@ -121,6 +122,10 @@ pub fn router(state: Arc<AdminState>) -> Router {
             get(tenants::list_tenants).post(tenants::create_tenant),
         )
         .route(t, get(tenants::get_tenant).delete(tenants::delete_tenant))
+        .route(
+            &format!("{t}/rate-limit"),
+            axum::routing::put(tenants::set_rate_limit).delete(tenants::remove_rate_limit),
+        )
         .route(
             &format!("{t}/tokens"),
             get(tenants::list_tokens).post(tenants::create_token),

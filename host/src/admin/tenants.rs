@@ -1,5 +1,7 @@
-//! `/v1/whoami`, `/v1/tenants` and `/v1/tenants/{tenant}/tokens`: who is asking, tenants with
-//! their quotas, and tenant tokens (shown once, stored hashed, revocable, optional expiry).
+//! `/v1/whoami`, `/v1/tenants`, `/v1/tenants/{tenant}/rate-limit` and
+//! `/v1/tenants/{tenant}/tokens`: who is asking, tenants with their quotas and rate limits, and
+//! tenant tokens (shown once, stored hashed, revocable, optional expiry). A rate limit is only
+//! stored here; hosts pick it up at their next reconciliation.
 
 use std::sync::Arc;
 
@@ -14,7 +16,7 @@ use super::AdminState;
 use super::auth::{Principal, new_token, token_hash};
 use super::error::{ApiError, ErrorBody, JsonBody};
 use crate::pipeline::binding::check_name;
-use crate::store::{NewTenant, NewToken, Quota, Tenant, TokenRecord};
+use crate::store::{NewTenant, NewToken, Quota, RateLimit, Tenant, TokenRecord};
 
 /// Who the token belongs to.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -76,6 +78,45 @@ pub struct TenantView {
     pub total_bytes: i64,
     /// When it was created (absent for a tenant that only exists through its handlers).
     pub created_at: Option<DateTime<Utc>>,
+    /// Its rate limit on each host; absent: unlimited.
+    pub rate_limit: Option<RateLimitView>,
+}
+
+/// A tenant's rate limit: a token bucket per host, shared by the tenant's bindings there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitView {
+    /// Messages per second each host dispatches for the tenant, at most (at least 1).
+    pub messages_per_second: i64,
+    /// Messages dispatched at once after an idle spell, at most (at least 1).
+    pub burst: i64,
+}
+
+impl From<RateLimit> for RateLimitView {
+    fn from(limit: RateLimit) -> Self {
+        Self {
+            messages_per_second: i64::from(limit.messages_per_second),
+            burst: i64::from(limit.burst),
+        }
+    }
+}
+
+impl RateLimitView {
+    /// The limit to store; a field-named error for a value out of range.
+    fn validate(self) -> Result<RateLimit, ApiError> {
+        let field = |name: &str, value: i64| {
+            u32::try_from(value)
+                .ok()
+                .filter(|v| *v >= 1)
+                .ok_or_else(|| {
+                    ApiError::invalid(name, format!("must be between 1 and {}", u32::MAX))
+                })
+        };
+        Ok(RateLimit {
+            messages_per_second: field("messages_per_second", self.messages_per_second)?,
+            burst: field("burst", self.burst)?,
+        })
+    }
 }
 
 impl AdminState {
@@ -99,6 +140,7 @@ impl AdminState {
             handlers: usage.handlers,
             total_bytes: usage.total_bytes,
             created_at: tenant.map(|t| t.created_at),
+            rate_limit: tenant.and_then(|t| t.rate_limit).map(RateLimitView::from),
         })
     }
 }
@@ -185,6 +227,44 @@ pub async fn delete_tenant(
     } else {
         Err(ApiError::not_found(format!("tenant {tenant}")))
     }
+}
+
+/// Set a tenant's rate limit (admin): each host dispatches at most `messages_per_second` of
+/// the tenant's messages (bursts of `burst`) over all its bindings there; more wait, none is
+/// dropped. Hosts apply it at their next reconciliation.
+#[utoipa::path(put, path = "/v1/tenants/{tenant}/rate-limit", tag = "tenants",
+    params(("tenant" = String, Path, description = "tenant id")), request_body = RateLimitView,
+    responses((status = 200, body = TenantView), (status = 400, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 422, body = ErrorBody)))]
+pub async fn set_rate_limit(
+    State(state): State<Arc<AdminState>>,
+    principal: Principal,
+    Path(tenant): Path<String>,
+    JsonBody(body): JsonBody<RateLimitView>,
+) -> Result<Json<TenantView>, ApiError> {
+    principal.require_admin()?;
+    let limit = body.validate()?;
+    let record = state
+        .store
+        .set_tenant_rate_limit(&tenant, Some(limit))
+        .await?;
+    Ok(Json(state.tenant_view(&tenant, Some(&record)).await?))
+}
+
+/// Remove a tenant's rate limit (admin); hosts stop limiting it at their next reconciliation.
+#[utoipa::path(delete, path = "/v1/tenants/{tenant}/rate-limit", tag = "tenants",
+    params(("tenant" = String, Path, description = "tenant id")),
+    responses((status = 200, body = TenantView), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody)))]
+pub async fn remove_rate_limit(
+    State(state): State<Arc<AdminState>>,
+    principal: Principal,
+    Path(tenant): Path<String>,
+) -> Result<Json<TenantView>, ApiError> {
+    principal.require_admin()?;
+    let record = state.store.set_tenant_rate_limit(&tenant, None).await?;
+    Ok(Json(state.tenant_view(&tenant, Some(&record)).await?))
 }
 
 /// A token to create.

@@ -1,4 +1,4 @@
-//! `weir tenant create|list|show|delete` and `weir token create|list|revoke`: tenants and their
+//! `weir tenant create|list|show|delete|rate-limit` and `weir token create|list|revoke`: tenants and their
 //! tokens, through the admin API. A token's secret is printed once, when it is created; the API
 //! never shows it again.
 //!
@@ -13,7 +13,9 @@ use serde_json::json;
 
 use super::api::{ApiArgs, Body, Client, NO_BODY, TenantArg, segment, tenant_path};
 use super::common::{Failure, or_dash, print, table};
-use crate::admin::tenants::{CreateTenant, CreateToken, CreatedToken, TenantView, TokenView};
+use crate::admin::tenants::{
+    CreateTenant, CreateToken, CreatedToken, RateLimitView, TenantView, TokenView,
+};
 
 /// `weir tenant …`.
 #[derive(Debug, Subcommand)]
@@ -27,6 +29,33 @@ pub enum TenantCommand {
     /// Delete a tenant and its tokens (admin token); refused (8) while it has handlers or
     /// bindings.
     Delete(DeleteArgs),
+    /// Set (`--per-second N --burst B`) or remove (`--off`) a tenant's rate limit (admin
+    /// token). Each host enforces it over the tenant's bindings there; hosts apply it at their
+    /// next reconciliation.
+    RateLimit(RateLimitArgs),
+}
+
+/// Flags of `weir tenant rate-limit`.
+#[derive(Debug, Args)]
+pub struct RateLimitArgs {
+    /// The tenant.
+    pub id: String,
+    /// Messages per second each host dispatches for the tenant, at most.
+    #[arg(
+        long,
+        value_name = "N",
+        required_unless_present = "off",
+        conflicts_with = "off"
+    )]
+    pub per_second: Option<i64>,
+    /// Messages dispatched at once after an idle spell (default: the rate, one second's worth).
+    #[arg(long, value_name = "B", conflicts_with = "off")]
+    pub burst: Option<i64>,
+    /// Remove the limit.
+    #[arg(long)]
+    pub off: bool,
+    #[command(flatten)]
+    pub api: ApiArgs,
 }
 
 /// Flags of `weir tenant create`.
@@ -123,6 +152,7 @@ pub fn run(command: TenantCommand) -> u8 {
         TenantCommand::List(a) => a.api.output,
         TenantCommand::Show(a) => a.api.output,
         TenantCommand::Delete(a) => a.api.output,
+        TenantCommand::RateLimit(a) => a.api.output,
     };
     let result = match command {
         TenantCommand::Create(args) => create(args),
@@ -142,6 +172,20 @@ pub fn run(command: TenantCommand) -> u8 {
                 &json!({"outcome": "deleted", "tenant": args.id}),
                 |_| format!("tenant {} deleted\n", args.id),
             ))
+        }),
+        TenantCommand::RateLimit(args) => Client::new(&args.api.server).and_then(|client| {
+            let path = tenant_path(&args.id, "/rate-limit");
+            let view: TenantView = match args.per_second {
+                Some(per_second) if !args.off => {
+                    let body = RateLimitView {
+                        messages_per_second: per_second,
+                        burst: args.burst.unwrap_or(per_second),
+                    };
+                    client.call(Method::PUT, &path, Body::Json(&body))?
+                }
+                _ => client.call(Method::DELETE, &path, NO_BODY)?,
+            };
+            Ok(print(output, &view, tenant_human))
         }),
     };
     result.unwrap_or_else(|failure| failure.report(output))
@@ -193,6 +237,14 @@ fn tenant_human(t: &TenantView) -> String {
     let _ = writeln!(out, "handlers  {} of {}", t.handlers, t.max_handlers);
     let _ = writeln!(out, "bytes     {} of {}", t.total_bytes, t.max_total_bytes);
     let _ = writeln!(out, "created   {}", date(t.created_at));
+    let rate = match &t.rate_limit {
+        Some(l) => format!(
+            "{} messages/s per host, burst {}",
+            l.messages_per_second, l.burst
+        ),
+        None => "none".to_owned(),
+    };
+    let _ = writeln!(out, "rate      {rate}");
     out
 }
 

@@ -122,7 +122,11 @@ fn partitions(list: &TopicPartitionList) -> Vec<(String, i32)> {
 
 impl ClientContext for IntakeContext {
     fn stats(&self, statistics: Statistics) {
-        if let Some(lag) = &self.lag {
+        // While paused, librdkafka fetches nothing and its high watermarks go stale; the intake
+        // loop samples the lag itself then (see `sample_paused_lag`).
+        if let Some(lag) = &self.lag
+            && !self.paused.load(Ordering::Relaxed)
+        {
             lag.record(&statistics);
         }
     }
@@ -180,6 +184,7 @@ pub fn intake_loop(
 ) {
     let context = consumer.context();
     let mut held: Option<Batch> = None;
+    let mut lag_sampled = std::time::Instant::now();
     while !stop.load(Ordering::Relaxed) {
         // Hand over what is held; wait a little for room before pausing.
         if let Some(batch) = held.take() {
@@ -206,6 +211,10 @@ pub fn intake_loop(
         let want_paused = switches.iter().any(PauseSwitch::is_paused) || held.is_some();
         if want_paused != context.paused.load(Ordering::Relaxed) {
             set_paused(consumer, want_paused);
+        }
+        if context.paused.load(Ordering::Relaxed) && lag_sampled.elapsed() >= PAUSED_LAG_EVERY {
+            sample_paused_lag(consumer);
+            lag_sampled = std::time::Instant::now();
         }
         // Poll: for records, or (while paused) only to serve callbacks and stay in the group.
         let mut received = Vec::new();
@@ -241,6 +250,57 @@ pub fn intake_loop(
     // Leaving the group runs the revocation callback, which commits what was stored.
     consumer.unsubscribe();
     let _ = consumer.commit_consumer_state(CommitMode::Sync);
+}
+
+/// How often the lag of a paused binding is sampled from the brokers.
+const PAUSED_LAG_EVERY: Duration = Duration::from_secs(5);
+
+/// How long one partition's watermark query may take.
+const WATERMARK_WAIT: Duration = Duration::from_millis(500);
+
+/// Set the lag gauge of every assigned partition from the broker's high watermark and the
+/// consumer's position (the next record it would fetch): while paused, nothing is fetched, so
+/// librdkafka's statistics would keep showing the lag of the moment the pause began. Runs on the
+/// intake thread, which is otherwise idle while paused; each query waits at most
+/// [`WATERMARK_WAIT`].
+fn sample_paused_lag(consumer: &BaseConsumer<IntakeContext>) {
+    let Some(lag) = &consumer.context().lag else {
+        return;
+    };
+    let positions = match consumer.position() {
+        Ok(positions) => positions,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot read positions to sample the lag");
+            return;
+        }
+    };
+    for element in positions.elements() {
+        let (topic, partition) = (element.topic(), element.partition());
+        let Ok((low, high)) = consumer.fetch_watermarks(topic, partition, WATERMARK_WAIT) else {
+            continue;
+        };
+        let position = match element.offset() {
+            rdkafka::Offset::Offset(position) => position,
+            // Nothing fetched yet in this assignment: the committed offset, else the start.
+            _ => consumer
+                .committed_offsets(
+                    {
+                        let mut one = TopicPartitionList::new();
+                        one.add_partition(topic, partition);
+                        one
+                    },
+                    WATERMARK_WAIT,
+                )
+                .ok()
+                .and_then(|c| {
+                    c.find_partition(topic, partition)
+                        .and_then(|e| e.offset().to_raw())
+                })
+                .filter(|o| *o >= 0)
+                .unwrap_or(low),
+        };
+        lag.set(topic, partition, (high - position).max(0));
+    }
 }
 
 /// Pause or resume every assigned partition, and remember it for later assignments.

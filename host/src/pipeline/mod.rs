@@ -15,7 +15,10 @@
 //!    is swapped in there, without restarting anything). A failure goes to the binding's
 //!    [`RetryPolicy`]: wait and run again while the key stays occupied, or dead-letter. The
 //!    binding's [`Breaker`] sees every outcome: after too many consecutive retryable failures it
-//!    opens, the partitions pause and failing messages wait without spending attempts.
+//!    opens, the partitions pause and failing messages wait without spending attempts. Before
+//!    a message is dispatched it takes a token of its tenant's [`rate_limit`] bucket, shared by
+//!    the tenant's bindings on this host; without one, dispatch waits and intake pauses by
+//!    backpressure.
 //! 4. **Group commit** writes many messages' effects and processed keys in one PostgreSQL
 //!    transaction (or the DLQ entry), each message all-or-nothing; then the message's dispatch
 //!    ticket is finished and its offset completed.
@@ -26,8 +29,8 @@
 //! pushes each into the lane of its key on its original partition, so a replay is ordered,
 //! retried and committed like any message, except that it has no offset to store.
 //!
-//! This module holds the pipeline's pure core — [`offsets`], [`dispatch`], [`retry`] and
-//! [`breaker`]:
+//! This module holds the pipeline's pure core — [`offsets`], [`dispatch`], [`retry`],
+//! [`breaker`] and the token bucket of [`rate_limit`]:
 //! synchronous data structures, each owned by one task, with no locks, no I/O and no clock.
 //! They know nothing of Kafka, PostgreSQL or wasmtime, so they are tested in isolation (with
 //! property tests) and cost little on the hot path. The stages that do I/O drive them.
@@ -38,6 +41,7 @@ pub mod dispatch;
 pub mod handler;
 pub mod intake;
 pub mod offsets;
+pub mod rate_limit;
 pub mod retry;
 pub mod worker;
 

@@ -67,7 +67,14 @@
 //! breaker's state; the invocation task the duration and the failure kinds; librdkafka's
 //! statistics (every 5 s) the consumer lag.
 //!
-//! Not yet here (tracked in the control-plane and resilience issues): per-tenant rate limits.
+//! The tenant's rate limit (SEMANTICS §3, [`super::rate_limit`]): every binding of a tenant on
+//! this host shares the tenant's [`TenantLimiter`]. Dispatch takes a token before it starts a
+//! message from the queue (a message, not an attempt: retries, parked messages and reruns after
+//! a host fault take none); when the bucket is empty, dispatch stops for this binding until the
+//! instant the bucket names — a timer in the coordinator's select, nothing held meanwhile — the
+//! queue fills, and the intake pauses by the usual backpressure. Nothing is dropped, and only
+//! this tenant's bindings wait. Waits are counted per tenant
+//! (`weir_rate_limit_waits_total`, `weir_rate_limit_wait_seconds_total`).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -88,6 +95,7 @@ use super::dispatch::{KeyScheduler, Ticket};
 use super::handler::{HandlerReader, HandlerSlot};
 use super::intake::{Batch, Control, IntakeContext, PauseSwitch, intake_loop};
 use super::offsets::PartitionOffsets;
+use super::rate_limit::TenantLimiter;
 use super::retry::{Decision, FailureKind, JitterRng};
 use crate::config::PipelineConfig;
 use crate::metrics::{BindingMetrics, Metrics};
@@ -243,6 +251,9 @@ pub struct Worker {
     /// The host's metrics (the worker resolves its binding's handles at start); without them
     /// the worker counts on a registry of its own.
     pub metrics: Option<Arc<Metrics>>,
+    /// The tenant's rate limit on this host, shared with its other bindings here; none:
+    /// unlimited.
+    pub rate_limit: Option<Arc<TenantLimiter>>,
 }
 
 /// Topic index and partition: the unit of ordering and offsets.
@@ -558,6 +569,12 @@ struct Coordinator {
     breaker_write_failed: bool,
     /// The worker is shutting down: parked messages are let go at once.
     stopping: bool,
+    /// The tenant's token bucket on this host.
+    rate_limit: Option<Arc<TenantLimiter>>,
+    /// The tenant's bucket was empty: dispatch of queued messages waits until then.
+    rate_wait_until: Option<Instant>,
+    /// Since when dispatch has been waiting for the bucket (for the wait-time metric).
+    rate_waiting_since: Option<Instant>,
 }
 
 impl Coordinator {
@@ -619,6 +636,9 @@ impl Coordinator {
             next_breaker_sync: Instant::now(),
             breaker_write_failed: false,
             stopping: false,
+            rate_limit: worker.rate_limit.clone(),
+            rate_wait_until: None,
+            rate_waiting_since: None,
         }
     }
 
@@ -859,7 +879,21 @@ impl Coordinator {
             if admission == Admission::Wait {
                 return;
             }
+            if self.scheduler.queued() == 0 || !self.take_token(now) {
+                if let Admission::Probe(token) = admission {
+                    self.breaker.cancel(token);
+                    if self.probes.is_empty() && self.scheduler.queued() == 0 {
+                        // Half-open with nothing to probe with: fetch the next messages.
+                        self.breaker_pause.resume();
+                    }
+                }
+                return;
+            }
             let Some(ticket) = self.scheduler.next_ready() else {
+                // Every queued message waits for its key: the token was taken for nothing.
+                if let Some(limiter) = &self.rate_limit {
+                    limiter.give_back();
+                }
                 if let Admission::Probe(token) = admission {
                     self.breaker.cancel(token);
                     if self.probes.is_empty() && self.scheduler.queued() == 0 {
@@ -876,6 +910,35 @@ impl Coordinator {
                 self.probes.insert(slot, token);
             }
             self.spawn_invocation(slot);
+        }
+    }
+
+    /// Take a token of the tenant's bucket for the next queued message; without one, note when
+    /// the bucket will have one (the coordinator wakes then) and whether this starts a wait.
+    fn take_token(&mut self, now: Instant) -> bool {
+        let Some(limiter) = &self.rate_limit else {
+            return true;
+        };
+        if self.rate_wait_until.is_some_and(|until| now < until) {
+            return false;
+        }
+        match limiter.try_take(now) {
+            Ok(()) => {
+                self.rate_wait_until = None;
+                if let Some(since) = self.rate_waiting_since.take() {
+                    let waited = now.saturating_duration_since(since).as_secs_f64();
+                    self.metrics.rate_limit_wait_seconds.inc_by(waited);
+                }
+                true
+            }
+            Err(until) => {
+                self.rate_wait_until = Some(until);
+                if self.rate_waiting_since.is_none() {
+                    self.rate_waiting_since = Some(now);
+                    self.metrics.rate_limit_waits.inc();
+                }
+                false
+            }
         }
     }
 
@@ -935,10 +998,14 @@ impl Coordinator {
     }
 
     /// When the loop must wake up even if nothing happens: the next replay claim, the next
-    /// breaker read, the breaker's half-opening.
+    /// breaker read, the breaker's half-opening, the next token of the tenant's bucket.
     fn next_wake(&self) -> Instant {
         let mut wake = self.next_claim.min(self.next_breaker_sync);
         if let Some(until) = self.breaker.open_until() {
+            wake = wake.min(until);
+        }
+        // A wait that is over and found nothing queued is not a reason to wake again.
+        if let Some(until) = self.rate_wait_until.filter(|until| *until > Instant::now()) {
             wake = wake.min(until);
         }
         wake

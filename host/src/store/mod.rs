@@ -115,7 +115,7 @@ pub use types::{
     BindingRecord, BreakerRecord, BreakerWrite, CommitOutcome, Completion, DlqEntry,
     DlqEntryInsert, DlqErrorKind, DlqFilter, DlqState, HandlerSummary, HandlerVersion,
     MAX_DLQ_PAGE, MAX_OUTBOX_CLAIM, NewTenant, NewToken, OutboxInsert, OutboxRecord, OutboxState,
-    Quota, Resolution, Tenant, TenantUsage, TokenRecord,
+    Quota, RateLimit, Resolution, Tenant, TenantUsage, TokenRecord,
 };
 
 /// The NOTIFY channel that announces new outbox rows.
@@ -204,6 +204,15 @@ pub trait Store: Send + Sync {
 
     /// Every tenant, by id.
     async fn list_tenants(&self) -> Result<Vec<Tenant>, StoreError>;
+
+    /// Set (`Some`) or remove (`None`) `tenant`'s rate limit; the tenant as it is now.
+    /// [`StoreError::NotFound`] if there is no such tenant; [`StoreError::Invalid`] for a rate
+    /// or burst of 0.
+    async fn set_tenant_rate_limit(
+        &self,
+        tenant: &str,
+        limit: Option<RateLimit>,
+    ) -> Result<Tenant, StoreError>;
 
     /// Delete a tenant and its tokens; whether it existed. [`StoreError::Conflict`] (and nothing
     /// deleted) while it has handlers or bindings.

@@ -21,7 +21,7 @@ use super::{
     BindingRecord, BreakerRecord, BreakerWrite, CommitOutcome, Completion, DlqEntry,
     DlqEntryInsert, DlqErrorKind, DlqFilter, DlqState, HandlerSummary, HandlerVersion,
     MAX_ERROR_BYTES, NewTenant, NewToken, OUTBOX_CHANNEL, OutboxInsert, OutboxRecord, OutboxState,
-    Quota, Resolution, Store, StoreError, Tenant, TenantUsage, TokenRecord, claim_limit,
+    Quota, RateLimit, Resolution, Store, StoreError, Tenant, TenantUsage, TokenRecord, claim_limit,
     lease_micros, truncate,
 };
 
@@ -134,7 +134,7 @@ macro_rules! dlq_columns {
 
 macro_rules! tenant_columns {
     () => {
-        "id, max_handlers, max_total_bytes, created_at"
+        "id, max_handlers, max_total_bytes, rate_limit_per_second, rate_limit_burst, created_at"
     };
 }
 
@@ -162,6 +162,10 @@ fn tenant_record(row: &PgRow) -> Result<Tenant, sqlx::Error> {
             max_handlers: row.try_get("max_handlers")?,
             max_total_bytes: row.try_get("max_total_bytes")?,
         },
+        rate_limit: RateLimit::from_columns(
+            row.try_get("rate_limit_per_second")?,
+            row.try_get("rate_limit_burst")?,
+        ),
         created_at: row.try_get("created_at")?,
     })
 }
@@ -713,6 +717,31 @@ impl Store for PgStore {
             .map(tenant_record)
             .collect::<Result<_, _>>()
             .map_err(db(OP))
+    }
+
+    async fn set_tenant_rate_limit(
+        &self,
+        tenant: &str,
+        limit: Option<RateLimit>,
+    ) -> Result<Tenant, StoreError> {
+        const OP: &str = "set tenant rate limit";
+        RateLimit::validate(limit)?;
+        let (per_second, burst) = RateLimit::columns(limit);
+        let row = sqlx::query(concat!(
+            "UPDATE tenants SET rate_limit_per_second = $2, rate_limit_burst = $3 \
+             WHERE id = $1 RETURNING ",
+            tenant_columns!()
+        ))
+        .bind(tenant)
+        .bind(per_second)
+        .bind(burst)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db(OP))?;
+        match row {
+            Some(row) => tenant_record(&row).map_err(db(OP)),
+            None => Err(StoreError::NotFound(format!("tenant {tenant}"))),
+        }
     }
 
     async fn delete_tenant(&self, id: &str) -> Result<bool, StoreError> {

@@ -30,8 +30,8 @@ use super::{
     BindingRecord, BreakerRecord, BreakerWrite, CommitOutcome, Completion, DlqEntry,
     DlqEntryInsert, DlqErrorKind, DlqFilter, DlqState, HandlerSummary, HandlerVersion,
     MAX_ERROR_BYTES, NewTenant, NewToken, OutboxInsert, OutboxRecord, OutboxState, Quota,
-    Resolution, Store, StoreError, Tenant, TenantUsage, TokenRecord, claim_limit, lease_micros,
-    truncate,
+    RateLimit, Resolution, Store, StoreError, Tenant, TenantUsage, TokenRecord, claim_limit,
+    lease_micros, truncate,
 };
 
 /// Connections to a database file (readers run in parallel under WAL; writers queue).
@@ -170,7 +170,8 @@ const DLQ_COLUMNS: &str = "id, tenant, binding_id, handler, handler_version, top
      error_message, attempts, first_failure_at, last_failure_at, state, resolved_at, \
      resolution_note";
 
-const TENANT_COLUMNS: &str = "id, max_handlers, max_total_bytes, created_at";
+const TENANT_COLUMNS: &str =
+    "id, max_handlers, max_total_bytes, rate_limit_per_second, rate_limit_burst, created_at";
 
 const TOKEN_COLUMNS: &str = "id, tenant, label, created_at, expires_at, revoked_at";
 
@@ -202,6 +203,10 @@ fn tenant_record(row: &SqliteRow) -> Result<Tenant, StoreError> {
             max_handlers: row.try_get("max_handlers").map_err(decode)?,
             max_total_bytes: row.try_get("max_total_bytes").map_err(decode)?,
         },
+        rate_limit: RateLimit::from_columns(
+            row.try_get("rate_limit_per_second").map_err(decode)?,
+            row.try_get("rate_limit_burst").map_err(decode)?,
+        ),
         created_at: time("tenants", row.try_get("created_at").map_err(decode)?)?,
     })
 }
@@ -788,6 +793,30 @@ impl Store for SqliteStore {
             .await
             .map_err(db("list tenants"))?;
         rows.iter().map(tenant_record).collect()
+    }
+
+    async fn set_tenant_rate_limit(
+        &self,
+        tenant: &str,
+        limit: Option<RateLimit>,
+    ) -> Result<Tenant, StoreError> {
+        const OP: &str = "set tenant rate limit";
+        RateLimit::validate(limit)?;
+        let (per_second, burst) = RateLimit::columns(limit);
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE tenants SET rate_limit_per_second = $2, rate_limit_burst = $3 \
+             WHERE id = $1 RETURNING {TENANT_COLUMNS}"
+        )))
+        .bind(tenant)
+        .bind(per_second)
+        .bind(burst)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db(OP))?;
+        match row {
+            Some(row) => tenant_record(&row),
+            None => Err(StoreError::NotFound(format!("tenant {tenant}"))),
+        }
     }
 
     async fn delete_tenant(&self, id: &str) -> Result<bool, StoreError> {

@@ -449,6 +449,50 @@ pub struct NewTenant {
     pub quota: Quota,
 }
 
+/// A tenant's rate limit: a token bucket of `burst` messages refilled at
+/// `messages_per_second`, enforced by each host on the tenant's bindings there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct RateLimit {
+    /// Messages per second, at least 1.
+    pub messages_per_second: u32,
+    /// Messages admitted at once after an idle spell, at least 1.
+    pub burst: u32,
+}
+
+impl RateLimit {
+    /// The limit the two nullable columns hold (none unless both are set and in range).
+    pub(crate) fn from_columns(per_second: Option<i64>, burst: Option<i64>) -> Option<Self> {
+        Some(Self {
+            messages_per_second: u32::try_from(per_second?).ok()?,
+            burst: u32::try_from(burst?).ok()?,
+        })
+    }
+
+    /// The two columns, for a limit or none.
+    pub(crate) fn columns(limit: Option<Self>) -> (Option<i64>, Option<i64>) {
+        match limit {
+            Some(l) => (
+                Some(i64::from(l.messages_per_second)),
+                Some(i64::from(l.burst)),
+            ),
+            None => (None, None),
+        }
+    }
+
+    /// [`StoreError::Invalid`] for a rate or burst of 0.
+    pub(crate) fn validate(limit: Option<Self>) -> Result<(), crate::store::StoreError> {
+        match limit {
+            Some(l) if l.messages_per_second == 0 => Err(crate::store::StoreError::Invalid(
+                "rate limit: messages_per_second must be at least 1".into(),
+            )),
+            Some(l) if l.burst == 0 => Err(crate::store::StoreError::Invalid(
+                "rate limit: burst must be at least 1".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// A tenant as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tenant {
@@ -456,6 +500,8 @@ pub struct Tenant {
     pub id: String,
     /// Its own quotas (`None`: the platform default).
     pub quota: Quota,
+    /// Its rate limit, if it has one.
+    pub rate_limit: Option<RateLimit>,
     /// When it was created.
     pub created_at: DateTime<Utc>,
 }

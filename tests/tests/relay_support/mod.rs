@@ -539,6 +539,14 @@ impl Store for FlakyStore {
         self.inner.list_tenants().await
     }
 
+    async fn set_tenant_rate_limit(
+        &self,
+        tenant: &str,
+        limit: Option<weir::store::RateLimit>,
+    ) -> Result<Tenant, StoreError> {
+        self.inner.set_tenant_rate_limit(tenant, limit).await
+    }
+
     async fn delete_tenant(&self, id: &str) -> Result<bool, StoreError> {
         self.inner.delete_tenant(id).await
     }

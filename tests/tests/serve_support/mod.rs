@@ -60,6 +60,24 @@ pub struct Scenario {
     env: Vec<(String, String)>,
 }
 
+/// Create `topic` with `partitions` on the test broker.
+async fn create_topic(topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &services().kafka)
+        .create()
+        .unwrap();
+    for result in admin
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap()
+    {
+        result.unwrap();
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -110,25 +128,7 @@ impl Scenario {
     pub async fn deployed(prefix: &str, partitions: i32) -> Self {
         let services = services();
         let input = unique_name(prefix);
-        let output = format!("{input}.accepted");
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", &services.kafka)
-            .create()
-            .unwrap();
-        for result in admin
-            .create_topics(
-                &[NewTopic::new(
-                    &input,
-                    partitions,
-                    TopicReplication::Fixed(1),
-                )],
-                &AdminOptions::new(),
-            )
-            .await
-            .unwrap()
-        {
-            result.unwrap();
-        }
+        create_topic(&input, partitions).await;
         let tenant = unique_name("t");
         // A schema of its own: the hosts of this scenario run only its binding, not every
         // binding earlier tests left in the shared database.
@@ -158,8 +158,8 @@ impl Scenario {
         let scenario = Self {
             binding_id: format!("{tenant}.orders"),
             tenant,
-            input: input.clone(),
-            output: output.clone(),
+            output: format!("{input}.accepted"),
+            input,
             messages: 0,
             expected: HashMap::new(),
             pool: sqlx::PgPool::connect(&database_url).await.unwrap(),
@@ -167,6 +167,38 @@ impl Scenario {
             dir: tempfile::tempdir().unwrap(),
             env,
         };
+        scenario.deploy();
+        scenario
+    }
+
+    /// Another tenant in this scenario's schema: a fresh topic (`partitions`) and `orders`
+    /// deployed to it for a new tenant, so that the hosts of either scenario run both bindings
+    /// (they share a host). Its own log directory; messages produced with its
+    /// [`Self::produce`].
+    pub async fn another_tenant(&self, prefix: &str, partitions: i32) -> Self {
+        let input = unique_name(prefix);
+        create_topic(&input, partitions).await;
+        let tenant = unique_name("t");
+        let scenario = Self {
+            binding_id: format!("{tenant}.orders"),
+            tenant,
+            output: format!("{input}.accepted"),
+            input,
+            messages: 0,
+            expected: HashMap::new(),
+            pool: self.pool.clone(),
+            database_url: self.database_url.clone(),
+            dir: tempfile::tempdir().unwrap(),
+            env: self.env.clone(),
+        };
+        scenario.deploy();
+        scenario
+    }
+
+    /// Deploy `orders` (its next version) for this scenario's tenant, bound to its input.
+    fn deploy(&self) {
+        let (input, output) = (&self.input, &self.output);
+        let scenario = self;
         let orders = component("weir_handler_orders");
         let deploy = scenario
             .command()
@@ -181,9 +213,9 @@ impl Scenario {
             ])
             .args([
                 "--topic",
-                &input,
+                input,
                 "--output-topic",
-                &output,
+                output,
                 "--config",
                 &format!("output-topic={output}"),
             ])
@@ -195,7 +227,6 @@ impl Scenario {
             "deploy failed: {}",
             String::from_utf8_lossy(&deploy.stderr)
         );
-        scenario
     }
 
     /// Set an environment variable for every host started from now on (a `WEIR_*` setting).
