@@ -8,23 +8,11 @@ mod serve_support;
 use std::time::{Duration, Instant};
 
 use serve_support::Scenario;
+use weir_acceptance::metric_value as value;
 
 const PARTITIONS: i32 = 3;
 const BATCH: usize = 1_000;
 const KEYS: usize = 20;
-
-/// The sum of the samples of `name` whose labels contain every one of `labels`.
-fn value(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter(|line| {
-            line.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter(|line| labels.iter().all(|label| line.contains(label)))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
 
 async fn scrape(port: u16) -> String {
     let response = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))

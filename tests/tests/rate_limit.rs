@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use serve_support::Scenario;
 use weir::store::{NewTenant, Quota, RateLimit};
+use weir_acceptance::metric_value as value;
 
 const PARTITIONS: i32 = 3;
 const KEYS: usize = 20;
@@ -24,19 +25,6 @@ const BURST: u32 = 20;
 const A_MESSAGES: usize = 5_000;
 const B_MESSAGES: usize = 8_000;
 const WINDOW: Duration = Duration::from_secs(10);
-
-/// The sum of the samples of `name` whose labels contain every one of `labels`.
-fn value(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter(|line| {
-            line.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter(|line| labels.iter().all(|label| line.contains(label)))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_limited_tenant_holds_its_rate_while_another_on_the_same_host_runs_free() {
