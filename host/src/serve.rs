@@ -22,10 +22,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
+use axum::{Json, Router};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -81,6 +82,8 @@ struct Running {
     max_idle: usize,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+    /// What the health endpoints show of it.
+    health: BindingHealth,
 }
 
 /// Why a handler version could not be made ready to run.
@@ -97,8 +100,77 @@ enum LoadError {
 /// Shared with the health endpoints.
 struct Health {
     store: Arc<dyn Store>,
-    bindings: std::sync::Mutex<usize>,
+    /// One client for the Kafka metadata probe (created once; `None` if librdkafka refused the
+    /// settings, which the probe then reports).
+    kafka: Result<Arc<BaseConsumer>, String>,
+    /// The last Kafka probe and when it ran; held across a probe so concurrent requests share it.
+    kafka_probe: tokio::sync::Mutex<Option<(std::time::Instant, Result<(), String>)>>,
+    /// The workers started by the last reconciliation.
+    bindings: std::sync::Mutex<Vec<BindingHealth>>,
     reconciled: AtomicBool,
+}
+
+/// What the health endpoints see of one worker.
+#[derive(Clone)]
+struct BindingHealth {
+    id: String,
+    tenant: String,
+    handler: String,
+    version: i32,
+    stats: Arc<WorkerStats>,
+    alive: Arc<AtomicBool>,
+}
+
+/// How long a health probe waits for the store or for Kafka's metadata.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long a Kafka probe's answer is reused.
+const KAFKA_PROBE_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Health {
+    /// Whether the store answers within [`PROBE_TIMEOUT`].
+    async fn store(&self) -> Result<(), String> {
+        match tokio::time::timeout(PROBE_TIMEOUT, self.store.bindings_revision()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {PROBE_TIMEOUT:?}")),
+        }
+    }
+
+    /// Whether a Kafka metadata request succeeds within [`PROBE_TIMEOUT`]; run on a blocking
+    /// thread and cached for [`KAFKA_PROBE_TTL`].
+    async fn kafka(&self) -> Result<(), String> {
+        let consumer = self.kafka.clone()?;
+        let mut last = self.kafka_probe.lock().await;
+        if let Some((at, result)) = last.as_ref()
+            && at.elapsed() < KAFKA_PROBE_TTL
+        {
+            return result.clone();
+        }
+        let result = tokio::task::spawn_blocking(move || {
+            // Serve the error events librdkafka queued since the last probe (a broker outage
+            // queues one per failed connection), so they do not pile up.
+            for _ in 0..1000 {
+                if consumer.poll(std::time::Duration::ZERO).is_none() {
+                    break;
+                }
+            }
+            consumer
+                .fetch_metadata(None, PROBE_TIMEOUT)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("metadata probe failed: {e}")));
+        *last = Some((std::time::Instant::now(), result.clone()));
+        result
+    }
+
+    fn bindings(&self) -> Vec<BindingHealth> {
+        self.bindings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
 }
 
 /// Run until `shutdown` is cancelled; then drain every worker and stop the relay.
@@ -135,9 +207,23 @@ pub async fn serve(config: WeirConfig, shutdown: CancellationToken) -> Result<()
         shutdown.child_token(),
     ));
 
+    let mut consumer_config = kafka.client_config();
+    consumer_config.set(
+        "session.timeout.ms",
+        config.kafka.session_timeout_ms.to_string(),
+    );
+    // The probe uses the workers' settings: what they cannot reach, it reports.
+    let probe_client = consumer_config
+        .clone()
+        .set("group.id", "weir-health")
+        .create::<BaseConsumer>()
+        .map(Arc::new)
+        .map_err(|e| format!("cannot create the Kafka client: {e}"));
     let health = Arc::new(Health {
         store: store.clone(),
-        bindings: std::sync::Mutex::new(0),
+        kafka: probe_client,
+        kafka_probe: tokio::sync::Mutex::new(None),
+        bindings: std::sync::Mutex::new(Vec::new()),
         reconciled: AtomicBool::new(false),
     });
     let listener = tokio::net::TcpListener::bind(config.server.listen)
@@ -159,6 +245,7 @@ pub async fn serve(config: WeirConfig, shutdown: CancellationToken) -> Result<()
     let app = Router::new()
         .route("/health", get(|| async { "ok\n" }))
         .route("/health/ready", get(ready))
+        .route("/health/details", get(details))
         .with_state(health.clone())
         .route(
             "/metrics",
@@ -174,11 +261,7 @@ pub async fn serve(config: WeirConfig, shutdown: CancellationToken) -> Result<()
     tracing::info!(listen = %config.server.listen, store = %config.store.redacted_url(), "weir serving");
 
     let settings = WorkerSettings::from(&config.pipeline);
-    let mut consumer_config = kafka.client_config();
-    consumer_config.set(
-        "session.timeout.ms",
-        config.kafka.session_timeout_ms.to_string(),
-    );
+
     let mut running: HashMap<String, Running> = HashMap::new();
     let rate_limits = Arc::new(RateLimits::default());
     let mut ticker = tokio::time::interval(config.pipeline.reconcile_every());
@@ -190,7 +273,9 @@ pub async fn serve(config: WeirConfig, shutdown: CancellationToken) -> Result<()
                 match reconcile(&store, &runtime, &metrics, &rate_limits, &consumer_config, &settings, &mut running).await {
                     Ok(()) => {
                         health.reconciled.store(true, Ordering::Relaxed);
-                        *health.bindings.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = running.len();
+                        let mut now: Vec<BindingHealth> = running.values().map(|r| BindingHealth { version: r.version, ..r.health.clone() }).collect();
+                        now.sort_by(|a, b| a.id.cmp(&b.id));
+                        *health.bindings.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = now;
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot reconcile bindings; will retry"),
                 }
@@ -293,22 +378,79 @@ pub async fn sample_store_gauges(
     }
 }
 
-async fn ready(State(health): State<Arc<Health>>) -> (StatusCode, String) {
-    let store_ok = health.store.bindings_revision().await.is_ok();
-    let reconciled = health.reconciled.load(Ordering::Relaxed);
-    let bindings = *health
-        .bindings
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let body = format!(
-        "store: {}\nbindings: {bindings}\n",
-        if store_ok { "ok" } else { "unreachable" }
-    );
-    if store_ok && reconciled {
-        (StatusCode::OK, body)
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, body)
+fn probe_json(result: &Result<(), String>) -> serde_json::Value {
+    match result {
+        Ok(()) => serde_json::json!({"status": "ok"}),
+        Err(e) => serde_json::json!({"status": "down", "error": e}),
     }
+}
+
+/// `GET /health/ready`: 200 when the store answers, Kafka's metadata is reachable and the
+/// bindings were reconciled; 503 otherwise, the JSON body naming what is down.
+async fn ready(State(health): State<Arc<Health>>) -> (StatusCode, Json<serde_json::Value>) {
+    let (store, kafka) = tokio::join!(health.store(), health.kafka());
+    let reconciled = health.reconciled.load(Ordering::Relaxed);
+    let bindings = health.bindings();
+    let mut down = Vec::new();
+    if store.is_err() {
+        down.push("store");
+    }
+    if kafka.is_err() {
+        down.push("kafka");
+    }
+    if !reconciled {
+        down.push("bindings");
+    }
+    let ok = down.is_empty();
+    let body = serde_json::json!({
+        "ready": ok,
+        "down": down,
+        "store": probe_json(&store),
+        "kafka": probe_json(&kafka),
+        "reconciled": reconciled,
+        "bindings": bindings.len(),
+    });
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body))
+}
+
+/// `GET /health/details`: the store, Kafka and every binding this host runs (always 200).
+async fn details(State(health): State<Arc<Health>>) -> Json<serde_json::Value> {
+    let (store, kafka) = tokio::join!(health.store(), health.kafka());
+    let bindings: Vec<serde_json::Value> = health
+        .bindings()
+        .iter()
+        .map(|b| {
+            let breaker = if b.stats.breaker_open.load(Ordering::Relaxed) {
+                "open"
+            } else {
+                "closed"
+            };
+            serde_json::json!({
+                "id": b.id,
+                "tenant": b.tenant,
+                "handler": b.handler,
+                "version": b.version,
+                "worker_running": b.alive.load(Ordering::Relaxed),
+                "partitions_assigned": b.stats.partitions.load(Ordering::Relaxed),
+                "breaker": breaker,
+                "store_unavailable": b.stats.store_unavailable.load(Ordering::Relaxed),
+                "consumed": b.stats.consumed.load(Ordering::Relaxed),
+                "committed": b.stats.committed.load(Ordering::Relaxed),
+                "dead_lettered": b.stats.dead_lettered.load(Ordering::Relaxed),
+            })
+        })
+        .collect();
+    Json(serde_json::json!({
+        "store": probe_json(&store),
+        "kafka": probe_json(&kafka),
+        "reconciled": health.reconciled.load(Ordering::Relaxed),
+        "bindings": bindings,
+    }))
 }
 
 /// Bring the running workers in line with the store.
@@ -433,6 +575,16 @@ async fn start(
         Arc::new(HandlerPool::new(component, max_idle)),
         Some(version),
     );
+    let stats = Arc::new(WorkerStats::default());
+    let alive = Arc::new(AtomicBool::new(true));
+    let binding_health = BindingHealth {
+        id: record.id.clone(),
+        tenant: record.tenant.clone(),
+        handler: spec.handler.clone(),
+        version,
+        stats: stats.clone(),
+        alive: alive.clone(),
+    };
     let worker = Worker {
         binding_id: record.id.clone(),
         handler: handler.clone(),
@@ -440,7 +592,7 @@ async fn start(
         store: store.clone(),
         kafka: kafka.clone(),
         settings: settings.clone(),
-        stats: Arc::new(WorkerStats::default()),
+        stats: stats.clone(),
         pause: PauseSwitch::default(),
         metrics: Some(metrics.clone()),
         rate_limit: Some(rate_limit),
@@ -451,6 +603,7 @@ async fn start(
         if let Err(e) = worker.run(stopped).await {
             tracing::error!(binding = %id, error = %e, "worker stopped");
         }
+        alive.store(false, Ordering::Relaxed);
     });
     Ok(Running {
         revision: record.revision,
@@ -460,6 +613,7 @@ async fn start(
         max_idle,
         stop,
         task,
+        health: binding_health,
     })
 }
 

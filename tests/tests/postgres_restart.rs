@@ -13,7 +13,7 @@ mod serve_support;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use serve_support::Scenario;
+use serve_support::{Scenario, names_down, wait_readiness};
 
 const MESSAGES: usize = 20_000;
 const MAX_POLL_INTERVAL: Duration = Duration::from_secs(10);
@@ -36,18 +36,37 @@ async fn a_database_restart_pauses_processing_and_loses_nothing() {
         "WEIR_KAFKA__CLIENT_OVERRIDES__MAX_POLL_INTERVAL_MS",
         &MAX_POLL_INTERVAL.as_millis().to_string(),
     );
-    let mut host = run.start(0);
+    let (mut host, port) = run.start_listening(0);
     run.wait_for(MESSAGES / 4, &mut [&mut host], Duration::from_secs(120))
         .await;
+    wait_readiness(port, Duration::from_secs(30), "ready", |s, _| s == 200).await;
     let stopped_at = Instant::now();
     services(&["stop", "postgres"]);
-    tokio::time::sleep(OUTAGE).await;
+    // Readiness flips while the database is down, naming the store.
+    let (_, not_ready) = wait_readiness(port, OUTAGE, "503 naming the store", |s, body| {
+        s == 503 && names_down(body, "store")
+    })
+    .await;
+    eprintln!(
+        "postgres restart: /health/ready during the outage after {:?}: 503 {not_ready}",
+        stopped_at.elapsed()
+    );
+    tokio::time::sleep(OUTAGE.saturating_sub(stopped_at.elapsed())).await;
     assert!(
         host.try_wait().unwrap().is_none(),
         "weir serve died while the database was down"
     );
     services(&["start", "postgres"]);
     let outage = stopped_at.elapsed();
+    let started_at = Instant::now();
+    wait_readiness(port, Duration::from_secs(60), "ready again", |s, _| {
+        s == 200
+    })
+    .await;
+    eprintln!(
+        "postgres restart: /health/ready back to 200 {:?} after the database started",
+        started_at.elapsed()
+    );
     run.wait_for(MESSAGES, &mut [&mut host], Duration::from_secs(300))
         .await;
     run.terminate(&mut host);

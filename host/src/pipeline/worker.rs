@@ -194,6 +194,8 @@ pub struct WorkerStats {
     pub store_unavailable: AtomicBool,
     /// Partition assignments received (one per rebalance this worker took part in).
     pub assignments: AtomicU64,
+    /// Partitions assigned now (added on assignment, removed on revocation).
+    pub partitions: AtomicU64,
     /// DLQ entries claimed for replay.
     pub replays_claimed: AtomicU64,
     /// Replays whose group commit marked their DLQ entry replayed (their effects committed, or
@@ -692,6 +694,9 @@ impl Coordinator {
             Control::Assign(parts, generation) => {
                 self.generation = generation;
                 self.stats.assignments.fetch_add(1, AtomicOrdering::Relaxed);
+                self.stats
+                    .partitions
+                    .fetch_add(parts.len() as u64, AtomicOrdering::Relaxed);
                 tracing::info!(binding = %self.binding_id, partitions = parts.len(), generation, "partitions assigned");
                 for (topic, partition) in parts {
                     let part = (self.topic_index(&topic), partition);
@@ -700,6 +705,12 @@ impl Coordinator {
             }
             Control::Revoke(parts, generation, ack) => {
                 self.generation = generation;
+                let revoked = parts.len() as u64;
+                let _ = self.stats.partitions.fetch_update(
+                    AtomicOrdering::Relaxed,
+                    AtomicOrdering::Relaxed,
+                    |n| Some(n.saturating_sub(revoked)),
+                );
                 for (topic, partition) in &parts {
                     let part = (self.topic_index(topic), *partition);
                     let dropped = self.scheduler.revoke(part);

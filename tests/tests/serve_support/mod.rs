@@ -366,3 +366,53 @@ impl Scenario {
             .get::<i64, _>("n")
     }
 }
+
+/// `GET /health/ready` of the host listening on `port`: the status and the JSON body (`Null`
+/// when the host did not answer).
+pub async fn readiness(port: u16) -> (u16, serde_json::Value) {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    match client
+        .get(format!("http://127.0.0.1:{port}/health/ready"))
+        .send()
+        .await
+    {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            let body = response.json().await.unwrap_or(serde_json::Value::Null);
+            (status, body)
+        }
+        Err(_) => (0, serde_json::Value::Null),
+    }
+}
+
+/// Poll `/health/ready` until `accept` holds for its answer, or panic after `timeout`; answers
+/// that last answer.
+pub async fn wait_readiness(
+    port: u16,
+    timeout: Duration,
+    what: &str,
+    accept: impl Fn(u16, &serde_json::Value) -> bool,
+) -> (u16, serde_json::Value) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (status, body) = readiness(port).await;
+        if accept(status, &body) {
+            return (status, body);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/health/ready never became {what} within {timeout:?}; last: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Whether a `/health/ready` body names `component` as down.
+pub fn names_down(body: &serde_json::Value, component: &str) -> bool {
+    body["down"]
+        .as_array()
+        .is_some_and(|down| down.iter().any(|d| d == component))
+}
