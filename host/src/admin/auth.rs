@@ -68,13 +68,23 @@ pub fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
+/// `N` random bytes from the operating system.
+fn random<const N: usize>() -> Result<[u8; N], ApiError> {
+    let mut bytes = [0u8; N];
+    getrandom::fill(&mut bytes).map_err(|e| ApiError::internal("drawing random bytes", e))?;
+    Ok(bytes)
+}
+
 /// A new token: its public id and its secret (`weir_<id>_<32 random bytes, base64url>`).
 pub fn new_token() -> Result<(String, String), ApiError> {
-    let mut random = [0u8; 38];
-    getrandom::fill(&mut random).map_err(|e| ApiError::internal("generating a token", e))?;
-    let id = hex::encode(&random[..6]);
-    let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&random[6..]);
+    let id = hex::encode(random::<6>()?);
+    let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random::<32>()?);
     Ok((id.clone(), format!("{TOKEN_PREFIX}{id}_{secret}")))
+}
+
+/// A new random id: 16 bytes, hex.
+pub fn random_id() -> Result<String, ApiError> {
+    Ok(hex::encode(random::<16>()?))
 }
 
 /// Compare two secrets in time independent of where they differ.

@@ -17,9 +17,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::AdminState;
 use super::auth::Principal;
 use super::error::{ApiError, ErrorBody, JsonBody};
-use crate::store::{
-    DlqEntry, DlqErrorKind, DlqFilter, DlqState, MAX_DLQ_PAGE, Resolution, StoreError,
-};
+use crate::store::{DlqEntry, DlqErrorKind, DlqFilter, DlqState, Resolution, StoreError};
 
 /// Bytes of the payload shown in a preview.
 const PREVIEW_BYTES: usize = 256;
@@ -220,23 +218,18 @@ pub async fn list(
 ) -> Result<Json<DlqPage>, ApiError> {
     principal.scope(&tenant)?;
     let filter = query.filter(&tenant)?;
-    let page_size = effective_limit(filter.limit);
     let entries = state.store.dlq_list(&filter).await?;
-    let next_after = (entries.len() >= page_size)
-        .then(|| entries.last().map(|e| e.id))
-        .flatten();
+    let next_after = next_after(&filter, &entries);
     Ok(Json(DlqPage {
         entries: entries.into_iter().map(|e| entry_view(e, false)).collect(),
         next_after,
     }))
 }
 
-fn effective_limit(limit: u32) -> usize {
-    if limit == 0 {
-        MAX_DLQ_PAGE as usize
-    } else {
-        limit.min(MAX_DLQ_PAGE) as usize
-    }
+/// The id to continue after when `entries` filled the page `filter` asked for.
+fn next_after(filter: &DlqFilter, entries: &[DlqEntry]) -> Option<i64> {
+    let full = i64::try_from(entries.len()).is_ok_and(|n| n >= filter.page_size());
+    full.then(|| entries.last().map(|e| e.id)).flatten()
 }
 
 async fn owned_entry(state: &AdminState, tenant: &str, id: i64) -> Result<DlqEntry, ApiError> {
@@ -353,7 +346,6 @@ async fn bulk(
     }
     let mut filter = body.filter.filter(tenant)?;
     filter.state = Some(DlqState::Pending);
-    let page_size = effective_limit(filter.limit);
     let entries = state.store.dlq_list(&filter).await?;
     let (mut done, mut skipped) = (0, 0);
     for entry in &entries {
@@ -382,9 +374,7 @@ async fn bulk(
         matched: entries.len(),
         done,
         skipped,
-        next_after: (entries.len() >= page_size)
-            .then(|| entries.last().map(|e| e.id))
-            .flatten(),
+        next_after: next_after(&filter, &entries),
     }))
 }
 

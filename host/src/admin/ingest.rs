@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::AdminState;
-use super::auth::{Principal, new_token};
+use super::auth::{Principal, random_id};
 use super::error::{ApiError, ErrorBody, JsonBody, json_error};
 use crate::pipeline::BindingSpec;
 use crate::runtime::Header;
@@ -113,7 +113,7 @@ fn message(topic: &str, index: usize, m: IngestMessage) -> Result<OutboxInsert, 
             ));
         }
         Some(id) => id,
-        None => new_token()?.0 + &new_token()?.0,
+        None => random_id()?,
     };
     if m.headers.keys().any(|k| k == "message-id") {
         return Err(ApiError::invalid(

@@ -280,7 +280,7 @@ pub const MAX_OUTBOX_CLAIM: u32 = 10_000;
 
 impl DlqFilter {
     /// The page size to use.
-    pub(crate) fn page_size(&self) -> i64 {
+    pub fn page_size(&self) -> i64 {
         let limit = if self.limit == 0 {
             MAX_DLQ_PAGE
         } else {
