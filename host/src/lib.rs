@@ -19,6 +19,7 @@ pub mod cli;
 pub mod config;
 pub mod kafka;
 pub mod metrics;
+pub mod outbound;
 pub mod pipeline;
 pub mod runtime;
 pub mod serve;

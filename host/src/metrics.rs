@@ -17,6 +17,7 @@ use prometheus::{
 };
 use rdkafka::statistics::Statistics;
 
+use crate::outbound::{DestinationMetrics, HttpMetrics};
 use crate::runtime::{CacheStats, TrapKind};
 
 /// Buckets of one handler invocation, in seconds: 0.5 ms to 10 s.
@@ -75,6 +76,9 @@ pub struct Metrics {
     compile_cache: IntCounterVec,
     rate_limit_waits: IntCounterVec,
     rate_limit_wait_seconds: CounterVec,
+    http_requests: IntCounterVec,
+    http_duration: HistogramVec,
+    http_breaker_state: IntGaugeVec,
 }
 
 const MESSAGE: &[&str] = &["tenant", "handler", "binding"];
@@ -222,6 +226,22 @@ impl Metrics {
                     &["tenant"],
                 ),
             ),
+            http_requests: counter(
+                "weir_http_requests_total",
+                "Outbound HTTP requests of handlers by destination (the allowlist entry; `not_allowed` for refused ones) and outcome: answered, server_error (5xx, also counted as answered), failed, timeout, breaker_open, too_large, denied.",
+                &["binding", "destination", "outcome"],
+            ),
+            http_duration: histogram(
+                "weir_http_request_duration_seconds",
+                "From sending an outbound HTTP request to its response headers (or its failure).",
+                HANDLER_BUCKETS,
+                &["binding", "destination"],
+            ),
+            http_breaker_state: gauge(
+                "weir_http_breaker_state",
+                "The breaker of the destination last used under an allowlist entry: 0 closed, 1 half-open, 2 open.",
+                &["binding", "destination"],
+            ),
             registry,
         };
         Arc::new(metrics)
@@ -263,6 +283,30 @@ impl Metrics {
                 gauge: self.lag.clone(),
                 binding: binding.to_owned(),
             },
+        }
+    }
+
+    /// The outbound-HTTP handles of one binding: one set per entry of its allowlist.
+    pub fn http(&self, binding: &str, allow: &[String]) -> HttpMetrics {
+        let requests = |destination: &str, outcome: &str| {
+            self.http_requests
+                .with_label_values(&[binding, destination, outcome])
+        };
+        HttpMetrics {
+            destinations: allow
+                .iter()
+                .map(|d| DestinationMetrics {
+                    answered: requests(d, "answered"),
+                    server_errors: requests(d, "server_error"),
+                    failed: requests(d, "failed"),
+                    timed_out: requests(d, "timeout"),
+                    breaker_open: requests(d, "breaker_open"),
+                    too_large: requests(d, "too_large"),
+                    duration: self.http_duration.with_label_values(&[binding, d]),
+                    breaker_state: self.http_breaker_state.with_label_values(&[binding, d]),
+                })
+                .collect(),
+            denied: requests("not_allowed", "denied"),
         }
     }
 

@@ -80,6 +80,8 @@ struct Running {
     handler: HandlerSlot,
     /// Idle instances a handler pool of this binding keeps (its `max_in_flight`).
     max_idle: usize,
+    /// Whether the binding grants outbound HTTP (its pools link `wasi:http`).
+    http: bool,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
     /// What the health endpoints show of it.
@@ -514,9 +516,12 @@ async fn reconcile(
         if worker.version == *version || worker.refused == Some(*version) {
             continue;
         }
-        match load(store, runtime, record, *version).await {
-            Ok(component) => {
-                let pool = Arc::new(HandlerPool::new(component, worker.max_idle));
+        let loaded = load(store, runtime, record, *version)
+            .await
+            .and_then(|component| pool_for(component, worker.max_idle, worker.http));
+        match loaded {
+            Ok(pool) => {
+                let pool = Arc::new(pool);
                 let previous = worker.handler.swap(pool, Some(*version));
                 // Invocations running on it finish; its idle instances go now.
                 previous.pool.retire();
@@ -571,10 +576,9 @@ async fn start(
         .await
         .map_err(|e| e.to_string())?;
     let max_idle = spec.max_in_flight;
-    let handler = HandlerSlot::new(
-        Arc::new(HandlerPool::new(component, max_idle)),
-        Some(version),
-    );
+    let http = spec.http.is_some();
+    let pool = pool_for(component, max_idle, http).map_err(|e| e.to_string())?;
+    let handler = HandlerSlot::new(Arc::new(pool), Some(version));
     let stats = Arc::new(WorkerStats::default());
     let alive = Arc::new(AtomicBool::new(true));
     let binding_health = BindingHealth {
@@ -611,10 +615,28 @@ async fn start(
         refused: None,
         handler,
         max_idle,
+        http,
         stop,
         task,
         health: binding_health,
     })
+}
+
+/// The pool a binding runs `component` in; `http`: the binding grants outbound HTTP. A handler
+/// that imports `wasi:http` under a binding that grants none is refused, naming the setting.
+fn pool_for(
+    component: HandlerComponent,
+    max_idle: usize,
+    http: bool,
+) -> Result<HandlerPool, LoadError> {
+    if component.imports_http() && !http {
+        return Err(LoadError::Component(format!(
+            "handler {} imports wasi:http/outgoing-handler, but the binding grants no outbound HTTP; set its `http.allow` to the hosts the handler may call",
+            component.hash()
+        )));
+    }
+    let pool = HandlerPool::new(component, max_idle);
+    Ok(if http { pool.granting_http() } else { pool })
 }
 
 /// Fetch `version` of the binding's handler and compile it, off the executor (the runtime's

@@ -6,7 +6,8 @@
 //! [`emit`] messages, read and write keyed [`state`], [`log`] lines and read its binding's
 //! [`config`]. Effects are buffered by the host and committed exactly once, atomically with
 //! the message's offset, and only if the handler returns `Ok`: a handler that fails or panics
-//! leaves no trace but its log lines.
+//! leaves no trace but its log lines. Handlers whose binding grants it may also call services
+//! over [`http`]; such calls happen when they are made, not exactly once (see there).
 //!
 //! # A complete handler
 //!
@@ -83,6 +84,7 @@ mod message;
 
 pub mod config;
 pub mod emit;
+pub mod http;
 pub mod log;
 pub mod state;
 

@@ -24,6 +24,7 @@ use super::common::{
 };
 use crate::admin::bindings::BindingView;
 use crate::admin::breaker::BreakerView;
+use crate::outbound::HttpPolicy;
 use crate::pipeline::{BindingSpec, Ordering};
 use crate::store::BindingRecord;
 
@@ -103,6 +104,10 @@ pub struct BindingFlags {
     /// Topic dead-lettered messages are published to (default: `<first topic>.dlq`).
     #[arg(long, value_name = "TOPIC")]
     pub dlq_topic: Option<String>,
+    /// Grant outbound HTTP to this destination: `host`, `host:port` or `*.domain` (repeatable;
+    /// the other `http` settings keep their defaults or current values).
+    #[arg(long = "allow-http", value_name = "HOST")]
+    pub allow_http: Vec<String>,
 }
 
 /// `--ordering` values.
@@ -166,6 +171,12 @@ impl BindingFlags {
         }
         if let Some(dlq_topic) = &self.dlq_topic {
             spec.dlq_topic = Some(dlq_topic.clone());
+        }
+        if !self.allow_http.is_empty() {
+            match &mut spec.http {
+                Some(http) => http.allow.clone_from(&self.allow_http),
+                None => spec.http = Some(HttpPolicy::allowing(self.allow_http.iter().cloned())),
+            }
         }
     }
 }

@@ -13,9 +13,12 @@ use clap::Args;
 use serde_json::json;
 
 use super::{OutputFormat, exit};
+use crate::metrics::Metrics;
+use crate::outbound::{HttpGate, HttpPolicy};
 use crate::runtime::{
-    BytesText, ComponentError, Effects, Header, InstancePolicy, Invocation, InvocationContext,
-    LogRecord, MemoryState, Message, Outcome, OutputTopics, Runtime, RuntimeConfig,
+    BytesText, ComponentError, Effects, Header, InstancePolicy, InstantiateError, Invocation,
+    InvocationContext, LogRecord, MemoryState, Message, Outcome, OutputTopics, Runtime,
+    RuntimeConfig,
 };
 
 /// Flags of `weir handler test`.
@@ -65,6 +68,10 @@ pub struct TestArgs {
     /// Restrict emits to this topic (repeatable; default: any topic).
     #[arg(long = "allow-topic", value_name = "TOPIC")]
     pub allow_topics: Vec<String>,
+    /// Grant outbound HTTP to this destination, `host`, `host:port` or `*.domain`, as a
+    /// binding's `http.allow` does (repeatable; default: none, every request is refused).
+    #[arg(long = "allow-http", value_name = "HOST")]
+    pub allow_http: Vec<String>,
     /// Invocation deadline in milliseconds (default: the runtime's, 5000).
     #[arg(long)]
     pub deadline_ms: Option<u64>,
@@ -229,7 +236,7 @@ fn execute(args: TestArgs) -> Result<Report, Failure> {
             );
         }
     }
-    let context = InvocationContext {
+    let mut context = InvocationContext {
         config: Arc::new(args.config.iter().cloned().collect::<BTreeMap<_, _>>()),
         output_topics: if args.allow_topics.is_empty() {
             OutputTopics::Any
@@ -240,18 +247,38 @@ fn execute(args: TestArgs) -> Result<Report, Failure> {
         },
         state: Arc::new(state),
         deadline: None,
+        http: None,
     };
+    let http = !args.allow_http.is_empty();
+    if http {
+        let policy = HttpPolicy::allowing(args.allow_http.iter().cloned());
+        let metrics = Metrics::new().http("handler-test", &policy.allow);
+        let gate = HttpGate::new("handler-test", policy, metrics).map_err(|e| Failure {
+            code: "invalid-input",
+            message: format!("--allow-http: {}", e.message),
+            exit: exit::USAGE,
+        })?;
+        context.http = Some(Arc::new(gate));
+    }
 
     let tokio = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| Failure::other("internal", format!("cannot start the async runtime: {e}")))?;
     let invocation = tokio.block_on(async {
-        let mut instance = component.instantiate().await.map_err(|e| Failure {
-            code: "instantiate-failed",
-            message: e.to_string(),
-            exit: exit::TRAP_OR_LIMIT,
-        })?;
+        let mut instance = component
+            .instantiate_with(http)
+            .await
+            .map_err(|e| Failure {
+                code: "instantiate-failed",
+                message: match e {
+                    InstantiateError::HttpNotGranted { .. } => format!(
+                        "{e} (here: pass --allow-http HOST for each host the handler may call)"
+                    ),
+                    e => e.to_string(),
+                },
+                exit: exit::TRAP_OR_LIMIT,
+            })?;
         Ok::<_, Failure>(instance.invoke(&message, &context).await)
     })?;
     Ok(Report {

@@ -10,6 +10,8 @@ use std::num::NonZeroUsize;
 
 use serde::{Deserialize, Serialize};
 
+use crate::outbound::HttpPolicy;
+
 use super::breaker::BreakerPolicy;
 use super::dispatch::Ordering;
 use super::retry::RetryPolicy;
@@ -61,6 +63,11 @@ pub struct BindingSpec {
     /// Topic dead-lettered messages are published to; default `<first topic>.dlq`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dlq_topic: Option<String>,
+    /// Outbound HTTP granted to the handler (`wasi:http/outgoing-handler`): the hosts it may
+    /// call, timeouts, the response cap and each destination's breaker. Absent: none; a
+    /// handler importing `wasi:http` then cannot run under this binding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpPolicy>,
 }
 
 fn default_max_in_flight() -> usize {
@@ -169,6 +176,7 @@ impl BindingSpec {
             config: BTreeMap::new(),
             deadline_ms: None,
             dlq_topic: None,
+            http: None,
         }
     }
 
@@ -246,6 +254,10 @@ impl BindingSpec {
         if let Some(dlq) = &self.dlq_topic {
             check_topic("dlq_topic", dlq)?;
         }
+        if let Some(http) = &self.http {
+            http.validate()
+                .map_err(|e| invalid(format!("http.{}", e.field), e.message))?;
+        }
         for (name, value) in &self.config {
             if name.is_empty() || name.len() > 256 {
                 return Err(invalid(
@@ -318,6 +330,17 @@ mod tests {
             ("output_topics", |s| s.output_topics = vec!["orders".into()]),
             ("deadline_ms", |s| s.deadline_ms = Some(0)),
             ("dlq_topic", |s| s.dlq_topic = Some(String::new())),
+            ("http.allow", |s| {
+                s.http = Some(HttpPolicy::allowing(Vec::<String>::new()))
+            }),
+            ("http.allow[0]", |s| {
+                s.http = Some(HttpPolicy::allowing(["https://api.example.com"]))
+            }),
+            ("http.timeout_ms", |s| {
+                let mut http = HttpPolicy::allowing(["api.example.com"]);
+                http.timeout_ms = 0;
+                s.http = Some(http)
+            }),
         ];
         for (field, mutate) in cases {
             let mut s = spec();

@@ -99,6 +99,7 @@ use super::rate_limit::TenantLimiter;
 use super::retry::{Decision, FailureKind, JitterRng};
 use crate::config::PipelineConfig;
 use crate::metrics::{BindingMetrics, Metrics};
+use crate::outbound::HttpGate;
 use crate::runtime::{
     ContentHash, ErrorKind, Header, InvocationContext, Message, Outcome, OutputTopics, StateSource,
     TrapKind,
@@ -579,6 +580,32 @@ struct Coordinator {
     rate_waiting_since: Option<Instant>,
 }
 
+/// The binding's outbound-HTTP gate, if its policy grants any (the spec was validated, so
+/// building it does not fail; if it did, every request would be refused and the reason logged).
+fn http_gate(
+    binding: &str,
+    spec: &BindingSpec,
+    metrics: Option<&Metrics>,
+) -> Option<Arc<HttpGate>> {
+    let policy = spec.http.as_ref()?;
+    let detached;
+    let metrics: &Metrics = match metrics {
+        Some(metrics) => metrics,
+        None => {
+            detached = Metrics::new();
+            &detached
+        }
+    };
+    let handles = metrics.http(binding, &policy.allow);
+    match HttpGate::new(binding, policy.clone(), handles) {
+        Ok(gate) => Some(Arc::new(gate)),
+        Err(e) => {
+            tracing::error!(%binding, error = %e, "outbound HTTP policy refused; every request of the handler will be denied");
+            None
+        }
+    }
+}
+
 impl Coordinator {
     fn new(
         worker: &Worker,
@@ -595,6 +622,7 @@ impl Coordinator {
             // Replaced per invocation by a fresh `StoreState` (see `spawn_invocation`).
             state: Arc::new(crate::runtime::MemoryState::new()),
             deadline: spec.deadline_ms.map(Duration::from_millis),
+            http: http_gate(&worker.binding_id, &spec, worker.metrics.as_deref()),
         };
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         Self {

@@ -1,5 +1,7 @@
 //! The host side of the WIT contract: per-store state and the `emit`, `state`, `log` and
-//! `config` imports, plus the deny-by-default WASI context.
+//! `config` imports, plus the deny-by-default WASI context and the `wasi:http` hooks, which
+//! hand every outgoing request to the binding's [`HttpGate`] (and refuse all when the
+//! invocation has none).
 //!
 //! Owns effect buffering and the per-invocation effect limits. Effects are only *recorded*
 //! here; whether they count is decided when the call returns (see `instance`). Knows nothing of
@@ -17,6 +19,12 @@ use wasmtime::{StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{
+    Error as HttpError, RequestOptions, WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks,
+    WasiHttpView,
+};
+
+use crate::outbound::HttpGate;
 
 use super::RuntimeConfig;
 use super::bindings::weir::handler::{config, emit, log, state, types};
@@ -30,6 +38,8 @@ const MAX_STATE_NAME_BYTES: usize = 256;
 /// Per-store data: WASI context, resource limits, and the state of the current invocation.
 pub(crate) struct HostState {
     wasi: WasiCtx,
+    http: WasiHttpCtx,
+    http_hooks: HttpHooks,
     table: ResourceTable,
     pub(crate) limits: StoreLimits,
     pub(crate) stdout: GuestOutput,
@@ -80,6 +90,8 @@ impl HostState {
             .build();
         Self {
             wasi,
+            http: WasiHttpCtx::new(),
+            http_hooks: HttpHooks { gate: None },
             table: ResourceTable::new(),
             limits,
             stdout,
@@ -97,6 +109,7 @@ impl HostState {
 
     /// Prepare for an invocation of `key` under `context`.
     pub(crate) fn begin(&mut self, key: Option<Vec<u8>>, context: InvocationContext) {
+        self.http_hooks.gate = context.http.clone();
         self.call = CallState {
             key,
             context: Some(context),
@@ -108,6 +121,7 @@ impl HostState {
 
     /// End the invocation: take what it recorded, turning guest output into log lines.
     pub(crate) fn finish(&mut self) -> CallState {
+        self.http_hooks.gate = None;
         let mut call = std::mem::take(&mut self.call);
         for (output, source, level) in [
             (&self.stdout, LogSource::Stdout, LogLevel::Info),
@@ -188,6 +202,47 @@ impl WasiView for HostState {
         WasiCtxView {
             ctx: &mut self.wasi,
             table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for HostState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.http_hooks,
+        }
+    }
+}
+
+/// The `wasi:http` hooks of a store: outgoing requests go through the current invocation's
+/// gate, or are refused when it has none (the binding grants no outbound HTTP, or no
+/// invocation is running).
+struct HttpHooks {
+    gate: Option<Arc<HttpGate>>,
+}
+
+impl WasiHttpHooks for HttpHooks {
+    fn send_request(
+        &mut self,
+        request: http::Request<WasiBody>,
+        options: Option<RequestOptions>,
+        _fut: Box<dyn Future<Output = Result<(), HttpError>> + Send>,
+    ) -> Box<
+        dyn Future<
+                Output = Result<
+                    (
+                        http::Response<WasiBody>,
+                        Box<dyn Future<Output = Result<(), HttpError>> + Send>,
+                    ),
+                    HttpError,
+                >,
+            > + Send,
+    > {
+        match self.gate.clone() {
+            Some(gate) => Box::new(gate.send(request, options)),
+            None => Box::new(std::future::ready(Err(HttpError::HttpRequestDenied))),
         }
     }
 }

@@ -29,13 +29,24 @@ pub enum InstantiateError {
         /// wasmtime's explanation.
         message: String,
     },
+    /// The handler imports `wasi:http` but its binding grants no outbound HTTP.
+    #[error(
+        "handler {hash} imports wasi:http/outgoing-handler, but its binding grants no outbound HTTP; set the binding's `http.allow` to the hosts it may call"
+    )]
+    HttpNotGranted {
+        /// The component's hash.
+        hash: ContentHash,
+    },
 }
 
 /// A validated, compiled handler component, ready to instantiate. Cheap to clone.
 #[derive(Clone)]
 pub struct HandlerComponent {
     pub(crate) shared: Arc<RuntimeShared>,
-    pub(crate) pre: HandlerPre<HostState>,
+    /// Linked without `wasi:http`; `None` when the component imports it.
+    pub(crate) pre: Option<HandlerPre<HostState>>,
+    /// Linked with `wasi:http`.
+    pub(crate) pre_http: HandlerPre<HostState>,
     pub(crate) hash: ContentHash,
     pub(crate) size: usize,
 }
@@ -60,12 +71,29 @@ impl HandlerComponent {
         self.size
     }
 
-    /// Create a fresh instance in its own store, with the runtime's limits.
+    /// Whether the component imports `wasi:http` (and so runs only where outbound HTTP is
+    /// granted).
+    pub fn imports_http(&self) -> bool {
+        self.pre.is_none()
+    }
+
+    /// Create a fresh instance in its own store, with the runtime's limits, linked without
+    /// `wasi:http`.
     pub async fn instantiate(&self) -> Result<HandlerInstance, InstantiateError> {
-        let mut store = Store::new(
-            self.pre.engine(),
-            HostState::new(self.shared.config.clone()),
-        );
+        self.instantiate_with(false).await
+    }
+
+    /// Create a fresh instance; `http` links `wasi:http/outgoing-handler` (each request then
+    /// goes through the invocation context's gate).
+    pub async fn instantiate_with(&self, http: bool) -> Result<HandlerInstance, InstantiateError> {
+        let pre = if http {
+            &self.pre_http
+        } else {
+            self.pre
+                .as_ref()
+                .ok_or(InstantiateError::HttpNotGranted { hash: self.hash })?
+        };
+        let mut store = Store::new(pre.engine(), HostState::new(self.shared.config.clone()));
         store.limiter(|state| &mut state.limits);
         store.epoch_deadline_callback(|ctx| {
             if Instant::now() >= ctx.data().deadline {
@@ -82,8 +110,7 @@ impl HandlerComponent {
         store.data_mut().deadline = Instant::now() + self.shared.config.deadline();
         store.set_epoch_deadline(1);
         let bindings =
-            self.pre
-                .instantiate_async(&mut store)
+            pre.instantiate_async(&mut store)
                 .await
                 .map_err(|e| InstantiateError::Failed {
                     hash: self.hash,
@@ -228,6 +255,7 @@ fn classify_trap(error: &wasmtime::Error) -> TrapKind {
 /// so the instance slots it held go to the version that replaced it.
 pub struct HandlerPool {
     component: HandlerComponent,
+    http: bool,
     idle: Mutex<Vec<HandlerInstance>>,
     max_idle: usize,
     retired: AtomicBool,
@@ -238,10 +266,18 @@ impl HandlerPool {
     pub fn new(component: HandlerComponent, max_idle: usize) -> Self {
         Self {
             component,
+            http: false,
             idle: Mutex::new(Vec::new()),
             max_idle,
             retired: AtomicBool::new(false),
         }
+    }
+
+    /// Link `wasi:http/outgoing-handler` into the pool's instances: for a binding that grants
+    /// outbound HTTP (its requests go through the invocation context's gate).
+    pub fn granting_http(mut self) -> Self {
+        self.http = true;
+        self
     }
 
     /// Keep no idle instances any more: drop those held now, and let each running
@@ -273,7 +309,7 @@ impl HandlerPool {
             .pop();
         let mut instance = match idle {
             Some(instance) => instance,
-            None => self.component.instantiate().await?,
+            None => self.component.instantiate_with(self.http).await?,
         };
         let invocation = instance.invoke(message, context).await;
         let config = &self.component.shared.config;

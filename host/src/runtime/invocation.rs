@@ -107,6 +107,8 @@ pub struct InvocationContext {
     pub state: Arc<dyn StateSource>,
     /// Deadline of this invocation; `None` uses the runtime's `deadline_ms`.
     pub deadline: Option<Duration>,
+    /// The binding's outbound-HTTP gate; `None`: every `wasi:http` request is refused.
+    pub http: Option<Arc<crate::outbound::HttpGate>>,
 }
 
 impl Default for InvocationContext {
@@ -116,6 +118,7 @@ impl Default for InvocationContext {
             output_topics: OutputTopics::Any,
             state: Arc::new(MemoryState::new()),
             deadline: None,
+            http: None,
         }
     }
 }
@@ -126,6 +129,7 @@ impl fmt::Debug for InvocationContext {
             .field("config", &self.config)
             .field("output_topics", &self.output_topics)
             .field("deadline", &self.deadline)
+            .field("http", &self.http)
             .finish_non_exhaustive()
     }
 }

@@ -1,8 +1,9 @@
 //! The Wasm runtime: loads handler components and runs them in a bounded sandbox.
 //!
-//! Owns the wasmtime engine (pooling allocator, epoch interruption, stack limit), the linker
-//! (Weir's imports plus WASI with no ambient authority), validation of uploaded bytes, the
-//! precompiled-component cache, instances and their reuse.
+//! Owns the wasmtime engine (pooling allocator, epoch interruption, stack limit), the linkers
+//! (Weir's imports plus WASI with no ambient authority; a second one adds
+//! `wasi:http/outgoing-handler` for bindings that grant outbound HTTP), validation of uploaded
+//! bytes, the precompiled-component cache, instances and their reuse.
 //!
 //! Architecture invariant: the runtime applies nothing and knows nothing of Kafka or SQL. An
 //! invocation returns its effects as data ([`Invocation`]); committing them is the pipeline's
@@ -68,6 +69,7 @@ pub(crate) struct RuntimeShared {
 pub struct Runtime {
     engine: Engine,
     linker: Linker<HostState>,
+    http_linker: Linker<HostState>,
     shared: Arc<RuntimeShared>,
     cache: component::ComponentCache,
     ticker: EpochTicker,
@@ -86,12 +88,16 @@ impl Runtime {
             state
         })
         .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        let mut http_linker = linker.clone();
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut http_linker)
+            .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let cache = component::ComponentCache::new(&engine, config.cache_dir.as_deref());
         let ticker = EpochTicker::start(&engine, config.epoch_tick())
             .map_err(|e| RuntimeError::Engine(format!("cannot start the epoch thread: {e}")))?;
         Ok(Self {
             engine,
             linker,
+            http_linker,
             shared: Arc::new(RuntimeShared {
                 config: Arc::new(config),
             }),
@@ -114,15 +120,31 @@ impl Runtime {
         let hash = ContentHash::of(bytes);
         let component = self.cache.get_or_compile(&self.engine, hash, bytes)?;
         self.check_imports(&component)?;
-        let pre = self
-            .linker
+        // Every valid handler links against the linker with `wasi:http`; one that imports it
+        // does not link without it, and runs only under a binding that grants outbound HTTP.
+        let pre_http = self
+            .http_linker
             .instantiate_pre(&component)
             .map_err(|e| ComponentError::WrongWorld(format!("{e:#}")))?;
-        let pre = bindings::HandlerPre::new(pre)
+        let pre_http = bindings::HandlerPre::new(pre_http)
             .map_err(|e| ComponentError::WrongWorld(format!("{e:#}")))?;
+        let imports_http = imports_http(&self.engine, &component);
+        let pre = if imports_http {
+            None
+        } else {
+            let pre = self
+                .linker
+                .instantiate_pre(&component)
+                .map_err(|e| ComponentError::WrongWorld(format!("{e:#}")))?;
+            Some(
+                bindings::HandlerPre::new(pre)
+                    .map_err(|e| ComponentError::WrongWorld(format!("{e:#}")))?,
+            )
+        };
         Ok(HandlerComponent {
             shared: self.shared.clone(),
             pre,
+            pre_http,
             hash,
             size: bytes.len(),
         })
@@ -161,6 +183,14 @@ impl Runtime {
     pub fn epoch_tick(&self) -> std::time::Duration {
         self.ticker.tick
     }
+}
+
+/// Whether `component` imports any `wasi:http` interface.
+fn imports_http(engine: &Engine, component: &wasmtime::component::Component) -> bool {
+    component
+        .component_type()
+        .imports(engine)
+        .any(|(name, _)| name.starts_with("wasi:http/"))
 }
 
 fn engine_config(config: &RuntimeConfig) -> Config {
