@@ -374,12 +374,25 @@ fn read_body(url: &str, body: &IncomingBody) -> Result<Vec<u8>, HttpError> {
             Ok(chunk) => bytes.extend_from_slice(&chunk),
             Err(StreamError::Closed) => return Ok(bytes),
             Err(StreamError::LastOperationFailed(error)) => {
-                return Err(match wasip2::http::types::http_error_code(&error) {
-                    Some(code) => HttpError::from_code(url, code),
-                    None => HttpError::Other(format!(
-                        "request to {url}: cannot read the response body: {}",
-                        error.to_debug_string()
-                    )),
+                if let Some(code) = wasip2::http::types::http_error_code(&error) {
+                    return Err(HttpError::from_code(url, code));
+                }
+                // Hosts may report a failed body read as text only (wasmtime does): classify
+                // the host's caps by their wording, the rest as a retryable failure.
+                let text = error.to_debug_string();
+                let lower = text.to_ascii_lowercase();
+                return Err(if lower.contains("body size") {
+                    HttpError::TooLarge(format!(
+                        "the response of {url} exceeds the binding's http.max_response_bytes ({text})"
+                    ))
+                } else if lower.contains("timeout") || lower.contains("timed out") {
+                    HttpError::Timeout(format!(
+                        "request to {url} timed out reading the body ({text})"
+                    ))
+                } else {
+                    HttpError::Other(format!(
+                        "request to {url}: cannot read the response body: {text}"
+                    ))
                 });
             }
         }

@@ -900,6 +900,21 @@ async fn bad_input_gets_a_clear_error_and_leaves_no_residue() {
             "config.output-topic",
         ),
         (
+            json!({"handler": "orders", "topics": [topic], "http": {"allow": ["https://api.example.com/v1"]}}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "http.allow[0]",
+        ),
+        (
+            json!({"handler": "orders", "topics": [topic], "http": {"allow": ["api.example.com"], "timeout_ms": 0}}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "http.timeout_ms",
+        ),
+        (
+            json!({"handler": "orders", "topics": [topic], "http": {"allow": ["api.example.com"], "proxy": "x"}}),
+            StatusCode::BAD_REQUEST,
+            "http.proxy",
+        ),
+        (
             json!({"handler": "nobody", "topics": [topic]}),
             StatusCode::UNPROCESSABLE_ENTITY,
             "handler",

@@ -12,7 +12,7 @@ use utoipa::ToSchema;
 
 use super::AdminState;
 use super::auth::Principal;
-use super::error::{ApiError, ErrorBody, JsonBody, json_error};
+use super::error::{ApiError, ErrorBody, JsonBody, from_value};
 use crate::pipeline::BindingSpec;
 use crate::pipeline::binding::check_binding_id;
 use crate::store::BindingRecord;
@@ -80,8 +80,7 @@ async fn read_binding(
         "tenant".into(),
         serde_json::Value::String(tenant.to_owned()),
     );
-    let spec: BindingSpec =
-        serde_json::from_value(serde_json::Value::Object(fields)).map_err(|e| json_error(&e))?;
+    let spec: BindingSpec = from_value(serde_json::Value::Object(fields))?;
     spec.validate()?;
     if state
         .store

@@ -201,9 +201,36 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     }
 }
 
-/// Parse JSON into `T`, turning serde's message into a field-naming error.
+/// Parse JSON into `T`, turning serde's message into an error naming the field by its full
+/// path (e.g. `http.proxy` for an unknown field inside `http`).
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| json_error(&e))
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut deserializer)
+        .map_err(|e| json_error_at(e.inner(), &e.path().to_string()))?;
+    deserializer.end().map_err(|e| json_error(&e))?;
+    Ok(value)
+}
+
+/// Convert a JSON value into `T`, naming a bad field by its full path like [`parse_json`].
+pub fn from_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value)
+        .map_err(|e| json_error_at(e.inner(), &e.path().to_string()))
+}
+
+/// A field-naming error from serde's message, the field prefixed with `path` (serde's path to
+/// where the error arose; `.` for the top level).
+fn json_error_at(error: &serde_json::Error, path: &str) -> ApiError {
+    let api = json_error(error);
+    let path = path.trim_start_matches('.');
+    if path.is_empty() {
+        return api;
+    }
+    let field = match &api.detail.field {
+        Some(name) if path == name || path.ends_with(&format!(".{name}")) => path.to_owned(),
+        Some(name) => format!("{path}.{name}"),
+        None => path.to_owned(),
+    };
+    api.with_field(field)
 }
 
 /// A field-naming error from serde's message.

@@ -16,7 +16,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::AdminState;
 use super::auth::{Principal, random_id};
-use super::error::{ApiError, ErrorBody, JsonBody, json_error};
+use super::error::{ApiError, ErrorBody, JsonBody, from_value};
 use crate::pipeline::BindingSpec;
 use crate::runtime::Header;
 use crate::store::{CommitOutcome, OutboxInsert, OutboxRecord};
@@ -183,11 +183,9 @@ pub async fn ingest(
         }
     };
     let messages = if body.get("messages").is_some() {
-        serde_json::from_value::<IngestBatch>(body)
-            .map_err(|e| json_error(&e))?
-            .messages
+        from_value::<IngestBatch>(body)?.messages
     } else {
-        vec![serde_json::from_value::<IngestMessage>(body).map_err(|e| json_error(&e))?]
+        vec![from_value::<IngestMessage>(body)?]
     };
     if messages.is_empty() || messages.len() > MAX_BATCH {
         return Err(ApiError::invalid(
