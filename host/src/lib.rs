@@ -24,3 +24,4 @@ pub mod pipeline;
 pub mod runtime;
 pub mod serve;
 pub mod store;
+pub mod telemetry;

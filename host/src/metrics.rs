@@ -74,6 +74,8 @@ pub struct Metrics {
     relay_failed: IntCounter,
     traps: IntCounterVec,
     compile_cache: IntCounterVec,
+    wasm_instances: IntGauge,
+    wasm_instance_slots: IntGauge,
     rate_limit_waits: IntCounterVec,
     rate_limit_wait_seconds: CounterVec,
     http_requests: IntCounterVec,
@@ -211,6 +213,20 @@ impl Metrics {
                 "Components loaded, by where they came from: memory, disk, compiled.",
                 &["result"],
             ),
+            wasm_instances: register(
+                &registry,
+                IntGauge::new(
+                    "weir_wasm_instances",
+                    "Handler instances alive now, idle in a pool or running.",
+                ),
+            ),
+            wasm_instance_slots: register(
+                &registry,
+                IntGauge::new(
+                    "weir_wasm_instance_slots",
+                    "Instances the pooling allocator can hold at once (`runtime.pool_instances`).",
+                ),
+            ),
             rate_limit_waits: counter(
                 "weir_rate_limit_waits_total",
                 "Times a binding of the tenant found the tenant's token bucket empty and stopped dispatching until it refilled.",
@@ -329,6 +345,32 @@ impl Metrics {
         self.dlq_pending
             .with_label_values(&[tenant, handler])
             .set(pending);
+    }
+
+    /// Remove every series of `binding` (a binding that stopped on this host: deleted, or moved
+    /// to other replicas), so a scrape does not show its last values forever. The tenant's
+    /// rate-limit series and the handler's DLQ gauge stay: other bindings may share them.
+    pub fn forget_binding(&self, binding: &str) {
+        forget(&self.consumed, binding);
+        forget(&self.processed, binding);
+        forget(&self.failures, binding);
+        forget(&self.handler_duration, binding);
+        forget(&self.end_to_end, binding);
+        forget(&self.lag, binding);
+        forget(&self.in_flight, binding);
+        forget(&self.group_commits, binding);
+        forget(&self.commit_batch, binding);
+        forget(&self.breaker_state, binding);
+        forget(&self.traps, binding);
+        forget(&self.http_requests, binding);
+        forget(&self.http_duration, binding);
+        forget(&self.http_breaker_state, binding);
+    }
+
+    /// Set the live Wasm instances and the pool's capacity.
+    pub fn set_wasm_instances(&self, live: i64, slots: i64) {
+        self.wasm_instances.set(live);
+        self.wasm_instance_slots.set(slots);
     }
 
     /// Bring the compile-cache counters up to the runtime's (which only grow).
@@ -469,9 +511,55 @@ impl RelayMetrics {
     }
 }
 
+/// Remove the series of `family` whose `binding` label is `binding`.
+fn forget<T: prometheus::core::MetricVecBuilder>(
+    family: &prometheus::core::MetricVec<T>,
+    binding: &str,
+) {
+    use prometheus::core::Collector as _;
+    for metric_family in family.collect() {
+        for metric in metric_family.get_metric() {
+            let labels: std::collections::HashMap<&str, &str> = metric
+                .get_label()
+                .iter()
+                .map(|pair| (pair.name(), pair.value()))
+                .collect();
+            if labels.get("binding") == Some(&binding) {
+                let _ = family.remove(&labels);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_forgotten_binding_leaves_no_series_and_others_keep_theirs() {
+        let metrics = Metrics::new();
+        for name in ["gone", "kept"] {
+            let binding = metrics.binding("acme", "orders", name);
+            binding.consumed.inc();
+            binding.handler_duration.observe(0.01);
+            binding.lag.set("orders", 0, 3);
+            binding.lag.set("orders", 1, 4);
+            binding.trap(TrapKind::Memory);
+            let http = metrics.http(name, &["api.example.com".to_owned()]);
+            http.destinations[0].answered.inc();
+            http.denied.inc();
+        }
+        metrics.set_wasm_instances(3, 128);
+        metrics.forget_binding("gone");
+        let text = metrics.render();
+        assert!(!text.contains("\"gone\""), "{text}");
+        assert!(
+            text.contains("weir_consumer_lag{binding=\"kept\",partition=\"1\",topic=\"orders\"} 4")
+        );
+        assert!(text.contains("weir_http_requests_total{binding=\"kept\",destination=\"api.example.com\",outcome=\"answered\"} 1"));
+        assert!(text.contains("weir_wasm_instances 3"));
+        assert!(text.contains("weir_wasm_instance_slots 128"));
+    }
 
     #[test]
     fn the_exposition_has_every_family_with_its_labels() {

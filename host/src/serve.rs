@@ -333,6 +333,10 @@ async fn scrape(
     State((metrics, runtime)): State<(Arc<Metrics>, Arc<Runtime>)>,
 ) -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
     metrics.observe_cache(&runtime.cache_stats());
+    metrics.set_wasm_instances(
+        runtime.live_instances(),
+        i64::from(runtime.config().pool_instances),
+    );
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -506,6 +510,8 @@ async fn reconcile(
             tracing::info!(binding = %id, "stopping worker");
             let _ = worker.stop.send(true);
             let _ = worker.task.await;
+            // Its series go with it (a worker started again for a new revision starts afresh).
+            metrics.forget_binding(&id);
         }
     }
     // Swap newly activated versions into the workers that keep running.

@@ -17,7 +17,7 @@ use serve_support::{Scenario, names_down, wait_readiness};
 
 const MESSAGES: usize = 20_000;
 const MAX_POLL_INTERVAL: Duration = Duration::from_secs(10);
-const OUTAGE: Duration = Duration::from_secs(25);
+const OUTAGE: Duration = Duration::from_secs(30);
 
 fn services(args: &[&str]) {
     let script = weir_acceptance::repo_root().join("tests/services");

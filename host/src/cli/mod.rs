@@ -170,8 +170,11 @@ pub enum OutputFormat {
 
 /// Parse the command line, run the command, and return its exit code.
 pub fn main() -> ExitCode {
-    init_tracing();
     let cli = Cli::parse();
+    // The host sets up its log from its configuration; every other command logs warnings.
+    if !matches!(cli.command, Command::Serve(_)) {
+        crate::telemetry::init_cli();
+    }
     let code = match cli.command {
         Command::Handler(HandlerCommand::Test(args)) => handler_test::run(args),
         Command::Handler(HandlerCommand::Deploy(args)) => deploy::run(args),
@@ -191,15 +194,6 @@ pub fn main() -> ExitCode {
         Command::Dev(args) => dev::run(args),
     };
     ExitCode::from(code)
-}
-
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
 }
 
 #[cfg(test)]

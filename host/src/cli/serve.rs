@@ -20,8 +20,12 @@ pub struct ServeArgs {
 pub fn run(args: ServeArgs) -> u8 {
     let config = match load_config(args.config.config_file.as_deref()) {
         Ok(config) => config,
-        Err(failure) => return failure.report(OutputFormat::Human),
+        Err(failure) => {
+            crate::telemetry::init_cli();
+            return failure.report(OutputFormat::Human);
+        }
     };
+    crate::telemetry::init(&config.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

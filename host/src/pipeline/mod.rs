@@ -43,6 +43,7 @@ pub mod intake;
 pub mod offsets;
 pub mod rate_limit;
 pub mod retry;
+pub mod trace;
 pub mod worker;
 
 pub use binding::{BindingError, BindingSpec};

@@ -86,6 +86,7 @@ use futures::future::BoxFuture;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
+use tracing::Instrument as _;
 
 use super::binding::BindingSpec;
 use super::breaker::{
@@ -97,12 +98,13 @@ use super::intake::{Batch, Control, IntakeContext, PauseSwitch, intake_loop};
 use super::offsets::PartitionOffsets;
 use super::rate_limit::TenantLimiter;
 use super::retry::{Decision, FailureKind, JitterRng};
+use super::trace::TraceContext;
 use crate::config::PipelineConfig;
 use crate::metrics::{BindingMetrics, Metrics};
 use crate::outbound::HttpGate;
 use crate::runtime::{
-    ContentHash, ErrorKind, Header, InvocationContext, Message, Outcome, OutputTopics, StateSource,
-    TrapKind,
+    ContentHash, ErrorKind, Header, Invocation, InvocationContext, LogSource, Message, Outcome,
+    OutputTopics, StateSource, TrapKind,
 };
 use crate::store::{
     BreakerRecord, BreakerWrite, Completion, DlqEntry, DlqEntryInsert, DlqErrorKind, OutboxInsert,
@@ -578,6 +580,57 @@ struct Coordinator {
     rate_wait_until: Option<Instant>,
     /// Since when dispatch has been waiting for the bucket (for the wait-time metric).
     rate_waiting_since: Option<Instant>,
+}
+
+/// Write the handler's log lines (its `log` import, stdout, stderr) to the host's log, inside
+/// the message's span (target `weir::handler`), so they carry the tenant, binding, message and
+/// trace.
+fn log_handler_lines(invocation: &Invocation) {
+    use crate::runtime::LogLevel;
+    for line in &invocation.logs {
+        let source = match line.source {
+            LogSource::Log => "log",
+            LogSource::Stdout => "stdout",
+            LogSource::Stderr => "stderr",
+        };
+        let fields = FieldsText(&line.fields);
+        let text = line.message.as_str();
+        match line.level {
+            LogLevel::Trace => {
+                tracing::trace!(target: "weir::handler", source, fields = %fields, "{text}")
+            }
+            LogLevel::Debug => {
+                tracing::debug!(target: "weir::handler", source, fields = %fields, "{text}")
+            }
+            LogLevel::Info => {
+                tracing::info!(target: "weir::handler", source, fields = %fields, "{text}")
+            }
+            LogLevel::Warn => {
+                tracing::warn!(target: "weir::handler", source, fields = %fields, "{text}")
+            }
+            LogLevel::Error => {
+                tracing::error!(target: "weir::handler", source, fields = %fields, "{text}")
+            }
+        }
+    }
+    if invocation.logs_dropped > 0 {
+        tracing::warn!(target: "weir::handler", dropped = invocation.logs_dropped, "handler log lines over the per-invocation limit were dropped");
+    }
+}
+
+/// A handler log line's fields as `name=value` pairs, formatted only if the line is written.
+struct FieldsText<'a>(&'a [(String, String)]);
+
+impl std::fmt::Display for FieldsText<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (name, value)) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            write!(f, "{name}={value:?}")?;
+        }
+        Ok(())
+    }
 }
 
 /// The binding's outbound-HTTP gate, if its policy grants any (the spec was validated, so
@@ -1218,9 +1271,25 @@ impl Coordinator {
         let binding_id = self.binding_id.clone();
         let spec = self.spec.clone();
         let metrics = self.metrics.clone();
-        tokio::spawn(async move {
+        let trace = TraceContext::for_message(&binding_id, &message);
+        let span = tracing::info_span!(
+            target: "weir::message",
+            "message",
+            tenant = %spec.tenant,
+            handler = %spec.handler,
+            binding = %binding_id,
+            topic = %message.topic,
+            partition = message.partition,
+            offset = message.offset,
+            message_id = %message.id,
+            attempt = message.attempt,
+            trace_id = %trace.trace_id_hex(),
+            span_id = %trace.span_id_hex(),
+        );
+        let task = async move {
             let invoked = handler.invoke(&message, &context).await;
             if let Ok(invocation) = &invoked {
+                log_handler_lines(invocation);
                 metrics
                     .handler_duration
                     .observe(invocation.duration.as_secs_f64());
@@ -1261,6 +1330,8 @@ impl Coordinator {
                 }
                 Ok(invocation) => match invocation.outcome {
                     Outcome::Ok => {
+                        let traceparent = (!invocation.effects.emits.is_empty())
+                            .then(|| trace.child_traceparent());
                         let emits = invocation
                             .effects
                             .emits
@@ -1273,11 +1344,7 @@ impl Coordinator {
                                 payload: emit.payload,
                                 headers: emit.headers,
                                 causation_id: message.id.clone(),
-                                traceparent: message
-                                    .headers
-                                    .iter()
-                                    .find(|h| h.key == "traceparent")
-                                    .and_then(|h| String::from_utf8(h.value.clone()).ok()),
+                                traceparent: traceparent.clone(),
                             })
                             .collect();
                         Done::Success(
@@ -1325,7 +1392,8 @@ impl Coordinator {
                 },
             };
             let _ = done.send(report);
-        });
+        };
+        tokio::spawn(task.instrument(span));
     }
 
     async fn on_done(&mut self, done: Done) {

@@ -116,12 +116,14 @@ impl HandlerComponent {
                     hash: self.hash,
                     message: format!("{e:#}"),
                 })?;
+        self.shared.live_instances.fetch_add(1, Ordering::Relaxed);
         Ok(HandlerInstance {
             store,
             bindings,
             invocations: 0,
             dead: false,
             hash: self.hash,
+            shared: self.shared.clone(),
         })
     }
 }
@@ -133,6 +135,13 @@ pub struct HandlerInstance {
     invocations: u32,
     dead: bool,
     hash: ContentHash,
+    shared: Arc<RuntimeShared>,
+}
+
+impl Drop for HandlerInstance {
+    fn drop(&mut self) {
+        self.shared.live_instances.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl HandlerInstance {

@@ -63,6 +63,8 @@ pub enum RuntimeError {
 /// State shared by every component and instance of one runtime.
 pub(crate) struct RuntimeShared {
     pub(crate) config: Arc<RuntimeConfig>,
+    /// Instances alive now (idle in a pool or running), over every component.
+    pub(crate) live_instances: std::sync::atomic::AtomicI64,
 }
 
 /// Loads and runs handler components. One per host process; cheap to share behind an `Arc`.
@@ -100,6 +102,7 @@ impl Runtime {
             http_linker,
             shared: Arc::new(RuntimeShared {
                 config: Arc::new(config),
+                live_instances: std::sync::atomic::AtomicI64::new(0),
             }),
             cache,
             ticker,
@@ -148,6 +151,12 @@ impl Runtime {
             hash,
             size: bytes.len(),
         })
+    }
+
+    /// Handler instances alive now, idle or running, over every component (each holds one
+    /// of the pooling allocator's `pool_instances` slots).
+    pub fn live_instances(&self) -> i64 {
+        self.shared.live_instances.load(Ordering::Relaxed)
     }
 
     /// Counters of the precompiled-component cache.
