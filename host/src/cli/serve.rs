@@ -47,10 +47,13 @@ pub fn run(args: ServeArgs) -> u8 {
             tracing::warn!("second signal: stopping without draining");
             std::process::exit(i32::from(exit::FAILURE));
         });
-        match crate::serve::serve(config, shutdown).await {
+        let code = match crate::serve::serve(config, shutdown).await {
             Ok(()) => exit::OK,
             Err(e) => Failure::other("serve-failed", e.to_string()).report(OutputFormat::Human),
-        }
+        };
+        // The exporter's flush blocks: off the executor.
+        let _ = tokio::task::spawn_blocking(crate::telemetry::shutdown).await;
+        code
     })
 }
 

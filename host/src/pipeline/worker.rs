@@ -1283,9 +1283,14 @@ impl Coordinator {
             offset = message.offset,
             message_id = %message.id,
             attempt = message.attempt,
-            trace_id = %trace.trace_id_hex(),
-            span_id = %trace.span_id_hex(),
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
         );
+        // With OTLP export on, the exported span continues the record's trace and its ids
+        // are the ones the emitted records name.
+        let trace = crate::telemetry::link(&span, trace);
+        span.record("trace_id", tracing::field::display(trace.trace_id_hex()));
+        span.record("span_id", tracing::field::display(trace.span_id_hex()));
         let task = async move {
             let invoked = handler.invoke(&message, &context).await;
             if let Ok(invocation) = &invoked {
