@@ -314,8 +314,8 @@ enum Done {
 /// handler that then fails failed because of the host).
 struct StoreState {
     store: Arc<dyn Store>,
-    tenant: String,
-    handler: String,
+    /// (tenant, handler), shared by every invocation of the binding.
+    owner: Arc<(String, String)>,
     failed: AtomicBool,
 }
 
@@ -327,7 +327,7 @@ impl StateSource for StoreState {
     ) -> BoxFuture<'a, Result<Option<Vec<u8>>, String>> {
         Box::pin(async move {
             self.store
-                .state_get(&self.tenant, &self.handler, key, name)
+                .state_get(&self.owner.0, &self.owner.1, key, name)
                 .await
                 .map_err(|e| {
                     self.failed.store(true, AtomicOrdering::Relaxed);
@@ -523,11 +523,13 @@ struct Coordinator {
     settings: WorkerSettings,
     stats: Arc<WorkerStats>,
     /// The binding's metric handles.
-    metrics: BindingMetrics,
+    metrics: Arc<BindingMetrics>,
+    /// (tenant, handler) of the binding, for the keyed-state reads of every invocation.
+    owner: Arc<(String, String)>,
     context: InvocationContext,
     scheduler: KeyScheduler<Pending, Part>,
     offsets: PartitionOffsets<Part>,
-    tickets: HashMap<u64, Ticket<Pending, Part>>,
+    tickets: HashMap<u64, Ticket<Pending, Part>, foldhash::fast::RandomState>,
     next_slot: u64,
     batch: Vec<(u64, Completion)>,
     batch_started: Option<Instant>,
@@ -689,10 +691,11 @@ impl Coordinator {
             consumer,
             settings: worker.settings.clone(),
             stats: worker.stats.clone(),
-            metrics,
+            metrics: Arc::new(metrics),
+            owner: Arc::new((worker.spec.tenant.clone(), worker.spec.handler.clone())),
             context,
             offsets: PartitionOffsets::default(),
-            tickets: HashMap::new(),
+            tickets: HashMap::default(),
             next_slot: 0,
             batch: Vec::new(),
             batch_started: None,
@@ -1261,8 +1264,7 @@ impl Coordinator {
         let (handler, version) = (active.pool, active.version);
         let state = Arc::new(StoreState {
             store: self.store.clone(),
-            tenant: self.spec.tenant.clone(),
-            handler: self.spec.handler.clone(),
+            owner: self.owner.clone(),
             failed: AtomicBool::new(false),
         });
         let mut context = self.context.clone();
@@ -1271,7 +1273,6 @@ impl Coordinator {
         let binding_id = self.binding_id.clone();
         let spec = self.spec.clone();
         let metrics = self.metrics.clone();
-        let trace = TraceContext::for_message(&binding_id, &message);
         let span = tracing::info_span!(
             target: "weir::message",
             "message",
@@ -1286,11 +1287,16 @@ impl Coordinator {
             trace_id = tracing::field::Empty,
             span_id = tracing::field::Empty,
         );
-        // With OTLP export on, the exported span continues the record's trace and its ids
-        // are the ones the emitted records name.
-        let trace = crate::telemetry::link(&span, trace);
-        span.record("trace_id", tracing::field::display(trace.trace_id_hex()));
-        span.record("span_id", tracing::field::display(trace.span_id_hex()));
+        // The trace context costs a hash: computed here only when the span is recorded (with
+        // OTLP export on, the exported span continues the record's trace and its ids are the
+        // ones the emitted records name), else only if the message emits.
+        let trace = (!span.is_disabled()).then(|| {
+            let trace =
+                crate::telemetry::link(&span, TraceContext::for_message(&binding_id, &message));
+            span.record("trace_id", tracing::field::display(trace.trace_id_hex()));
+            span.record("span_id", tracing::field::display(trace.span_id_hex()));
+            trace
+        });
         let task = async move {
             let invoked = handler.invoke(&message, &context).await;
             if let Ok(invocation) = &invoked {
@@ -1335,8 +1341,11 @@ impl Coordinator {
                 }
                 Ok(invocation) => match invocation.outcome {
                     Outcome::Ok => {
-                        let traceparent = (!invocation.effects.emits.is_empty())
-                            .then(|| trace.child_traceparent());
+                        let traceparent = (!invocation.effects.emits.is_empty()).then(|| {
+                            trace
+                                .unwrap_or_else(|| TraceContext::for_message(&binding_id, &message))
+                                .child_traceparent()
+                        });
                         let emits = invocation
                             .effects
                             .emits
