@@ -141,7 +141,7 @@ pub struct SecurityConfig {
     /// protocols; best set through `WEIR_KAFKA__SECURITY__SASL_PASSWORD`.
     pub sasl_password: Option<Secret>,
     /// PEM file (or directory) of the certificate authorities that signed the brokers'
-    /// certificates (`ssl.ca.location`). Unset: the system's trust store. TLS protocols only.
+    /// certificates (`ssl.ca.location`). Unset: OpenSSL's default CA paths. TLS protocols only.
     pub ssl_ca_location: Option<PathBuf>,
     /// PEM file of the client's certificate, for mutual TLS (`ssl.certificate.location`); with
     /// `ssl_key_location`. TLS protocols only.
