@@ -16,16 +16,19 @@
 //!
 //! `WEIR_<SECTION>__<KEY>=<value>` sets `<key>` of `[<section>]` (a double underscore separates
 //! the section from the key; names are case-insensitive and taken in lower case), e.g.
-//! `WEIR_STORE__URL`, `WEIR_KAFKA__BOOTSTRAP_SERVERS`, `WEIR_RUNTIME__DEADLINE_MS`. librdkafka
-//! properties go under `WEIR_KAFKA__CLIENT_OVERRIDES__<PROPERTY>`, with `_` standing for `.`:
-//! `WEIR_KAFKA__CLIENT_OVERRIDES__SECURITY_PROTOCOL` sets `security.protocol` (librdkafka's
-//! property names contain no underscores).
+//! `WEIR_STORE__URL`, `WEIR_KAFKA__BOOTSTRAP_SERVERS`, `WEIR_RUNTIME__DEADLINE_MS`. Nested
+//! tables take one more double underscore per level: `WEIR_KAFKA__SECURITY__SASL_PASSWORD` sets
+//! `sasl_password` of `[kafka.security]`. librdkafka properties go under
+//! `WEIR_KAFKA__CLIENT_OVERRIDES__<PROPERTY>`, with `_` standing for `.`:
+//! `WEIR_KAFKA__CLIENT_OVERRIDES__CLIENT_RACK` sets `client.rack` (librdkafka's property names
+//! contain no underscores).
 //!
 //! A value is read as a TOML scalar when it is one (`100`, `true`, `0.5`, `"quoted text"`) and
-//! as a string otherwise (`127.0.0.1:9092`, `json`). Quote a value to force a string. The
-//! overrides are merged into the file's document before it is deserialized, and each is first
-//! checked on its own, so an unknown key or a value of the wrong type in the environment is
-//! refused exactly like one in the file, with a message naming the variable.
+//! as a string otherwise (`127.0.0.1:9092`, `json`); a scalar where the key takes a string is
+//! taken as its text, exactly as written (a password `123456` or `1e3`). Quote a value to force
+//! a string. The overrides are merged into the file's document before it is deserialized, and
+//! each is first checked on its own, so an unknown key or a value of the wrong type in the
+//! environment is refused exactly like one in the file, with a message naming the variable.
 //!
 //! Every other variable starting with `WEIR_` is an error (a single underscore,
 //! `WEIR_STORE_URL`, is the usual typo), except the reserved ones ([`RESERVED_ENV`],
@@ -43,7 +46,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::kafka::{KafkaClientConfig, KafkaConfigError};
+use crate::kafka::{KafkaClientConfig, KafkaConfigError, SecurityConfig};
 use crate::runtime::RuntimeConfig;
 use crate::store::{PgStore, SqliteStore, Store, StoreError};
 
@@ -250,10 +253,11 @@ pub const DEFAULT_BOOTSTRAP_SERVERS: &str = "127.0.0.1:9092";
 /// `session.timeout.ms`.
 pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(45);
 
-/// `[kafka]`: the brokers, the consumer-group session timeout, and librdkafka properties every
-/// client gets. [`Self::client_config`] turns it into the Kafka module's
+/// `[kafka]`: the brokers, the consumer-group session timeout, encryption and authentication
+/// (`[kafka.security]`, owned by the Kafka module: [`SecurityConfig`]), and librdkafka
+/// properties every client gets. [`Self::client_config`] turns it into the Kafka module's
 /// [`KafkaClientConfig`], whose clients refuse overrides of the settings their guarantees
-/// depend on (`enable.idempotence`, `acks`, …).
+/// depend on (`enable.idempotence`, `acks`, …) and of the typed security settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaConfig {
@@ -262,8 +266,12 @@ pub struct KafkaConfig {
     /// Consumer-group session timeout in milliseconds (`session.timeout.ms`): a host that has
     /// not been heard of for this long loses its partitions.
     pub session_timeout_ms: u64,
+    /// `[kafka.security]`: TLS, mutual TLS and SASL (PLAIN, SCRAM) for every client.
+    pub security: SecurityConfig,
     /// Further librdkafka properties, passed as they are to every consumer and producer (e.g.
-    /// `"security.protocol" = "SASL_SSL"`). Numbers and booleans are passed as their text.
+    /// `"client.rack" = "eu-west-1a"`). Numbers and booleans are passed as their text. The
+    /// properties `[kafka.security]` owns (`security.protocol`, `sasl.*` and `ssl.*` ones it
+    /// sets) are refused.
     #[serde(deserialize_with = "client_properties")]
     pub client_overrides: BTreeMap<String, String>,
 }
@@ -273,6 +281,7 @@ impl Default for KafkaConfig {
         Self {
             bootstrap_servers: DEFAULT_BOOTSTRAP_SERVERS.to_owned(),
             session_timeout_ms: DEFAULT_SESSION_TIMEOUT.as_millis() as u64,
+            security: SecurityConfig::default(),
             client_overrides: BTreeMap::new(),
         }
     }
@@ -284,10 +293,12 @@ impl KafkaConfig {
         Duration::from_millis(self.session_timeout_ms)
     }
 
-    /// What every Kafka client of the host starts from: the bootstrap servers and the
-    /// overrides. (The session timeout is the consumers' own: see [`Self::session_timeout`].)
+    /// What every Kafka client of the host starts from: the bootstrap servers, the security
+    /// settings and the overrides. (The session timeout is the consumers' own: see
+    /// [`Self::session_timeout`].)
     pub fn client_config(&self) -> KafkaClientConfig {
         let mut client = KafkaClientConfig::new(self.bootstrap_servers.clone());
+        client.security = self.security.clone();
         client.client_overrides = self.client_overrides.clone();
         client
     }
@@ -733,6 +744,8 @@ struct Override {
     name: String,
     path: Vec<String>,
     value: toml::Value,
+    /// The value as written.
+    text: String,
 }
 
 impl WeirConfig {
@@ -778,16 +791,24 @@ impl WeirConfig {
             }
             None => toml::Table::new(),
         };
-        for item in env_overrides(env)? {
+        for mut item in env_overrides(env)? {
             // Checked alone first, so that an unknown key or a wrong type names the variable.
-            let mut alone = toml::Table::new();
-            insert(&mut alone, &item.path, item.value.clone());
-            toml::Value::Table(alone)
-                .try_into::<WeirConfig>()
-                .map_err(|e| ConfigError::Env {
-                    name: item.name.clone(),
-                    message: format!("{}: {}", item.path.join("."), e.message()),
-                })?;
+            let alone = |value: toml::Value| {
+                let mut alone = toml::Table::new();
+                insert(&mut alone, &item.path, value);
+                toml::Value::Table(alone).try_into::<WeirConfig>()
+            };
+            if let Err(e) = alone(item.value.clone()) {
+                // A scalar where the key takes text (a password of digits): the text as written.
+                let text = toml::Value::String(item.text.clone());
+                if item.value.is_str() || alone(text.clone()).is_err() {
+                    return Err(ConfigError::Env {
+                        name: item.name.clone(),
+                        message: format!("{}: {}", item.path.join("."), e.message()),
+                    });
+                }
+                item.value = text;
+            }
             if !insert(&mut document, &item.path, item.value) {
                 return Err(ConfigError::Env {
                     message: format!(
@@ -878,6 +899,7 @@ fn env_overrides(
             name,
             path,
             value: env_value(&value),
+            text: value,
         });
     }
     overrides.sort_by(|a, b| a.name.cmp(&b.name));
@@ -920,6 +942,7 @@ fn insert(table: &mut toml::Table, path: &[String], value: toml::Value) -> bool 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kafka::{SaslMechanism, SecurityProtocol};
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
@@ -968,8 +991,14 @@ mod tests {
             bootstrap_servers = "k1:9092,k2:9092"
             session_timeout_ms = 30000
 
+            [kafka.security]
+            protocol = "sasl_ssl"
+            sasl_mechanism = "SCRAM-SHA-512"
+            sasl_username = "weir"
+            sasl_password = "hunter2"
+
             [kafka.client_overrides]
-            "security.protocol" = "SASL_SSL"
+            "client.rack" = "eu-west-1a"
             "queued.min.messages" = 1000
             "socket.keepalive.enable" = true
 
@@ -991,10 +1020,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.store.max_connections, 20);
+        assert_eq!(config.kafka.security.protocol, SecurityProtocol::SaslSsl);
         assert_eq!(
-            config.kafka.client_overrides["security.protocol"],
-            "SASL_SSL"
+            config.kafka.security.sasl_mechanism,
+            Some(SaslMechanism::ScramSha512)
         );
+        assert_eq!(config.kafka.client_overrides["client.rack"], "eu-west-1a");
+        // The password reaches librdkafka but no debug output.
+        let client = config.kafka.client_config().client_config();
+        assert_eq!(client.get("sasl.password"), Some("hunter2"));
+        assert!(!format!("{config:?}").contains("hunter2"));
         assert_eq!(config.kafka.client_overrides["queued.min.messages"], "1000");
         assert_eq!(
             config.kafka.client_overrides["socket.keepalive.enable"],
@@ -1041,10 +1076,7 @@ mod tests {
                 ("WEIR_STORE__URL", "postgres://weir:pw@127.0.0.1:5432/weir"),
                 ("WEIR_KAFKA__BOOTSTRAP_SERVERS", "10.0.0.1:9092"),
                 ("WEIR_RUNTIME__DEADLINE_MS", "250"),
-                (
-                    "WEIR_KAFKA__CLIENT_OVERRIDES__SECURITY_PROTOCOL",
-                    "SASL_SSL",
-                ),
+                ("WEIR_KAFKA__CLIENT_OVERRIDES__CLIENT_RACK", "eu-west-1a"),
                 ("WEIR_KAFKA__CLIENT_OVERRIDES__QUEUED_MIN_MESSAGES", "1000"),
                 ("WEIR_LOG__FORMAT", "json"),
                 ("WEIR_SERVER__LISTEN", "0.0.0.0:8081"),
@@ -1056,13 +1088,85 @@ mod tests {
         assert_eq!(config.store.url, "postgres://weir:pw@127.0.0.1:5432/weir");
         assert_eq!(config.kafka.bootstrap_servers, "10.0.0.1:9092");
         assert_eq!(config.runtime.deadline_ms, 250);
-        assert_eq!(
-            config.kafka.client_overrides["security.protocol"],
-            "SASL_SSL"
-        );
+        assert_eq!(config.kafka.client_overrides["client.rack"], "eu-west-1a");
         assert_eq!(config.kafka.client_overrides["queued.min.messages"], "1000");
         assert_eq!(config.log.format, LogFormat::Json);
         assert_eq!(config.server.listen.port(), 8081);
+    }
+
+    #[test]
+    fn security_settings_come_from_the_environment() {
+        let config = load(
+            "[kafka.security]\nprotocol = \"sasl_plaintext\"\nsasl_username = \"file-user\"\n",
+            &[
+                ("WEIR_KAFKA__SECURITY__PROTOCOL", "sasl_ssl"),
+                ("WEIR_KAFKA__SECURITY__SASL_MECHANISM", "SCRAM-SHA-256"),
+                ("WEIR_KAFKA__SECURITY__SASL_USERNAME", "weir"),
+                // Digits, and a float's look: the text as written, not a number.
+                ("WEIR_KAFKA__SECURITY__SASL_PASSWORD", "0123456"),
+                ("WEIR_KAFKA__SECURITY__SSL_ENDPOINT_IDENTIFICATION", "false"),
+            ],
+        )
+        .unwrap();
+        let security = &config.kafka.security;
+        assert_eq!(security.protocol, SecurityProtocol::SaslSsl);
+        assert_eq!(security.sasl_mechanism, Some(SaslMechanism::ScramSha256));
+        assert_eq!(security.sasl_username.as_deref(), Some("weir"));
+        assert_eq!(
+            security.sasl_password.as_ref().map(Secret::expose),
+            Some("0123456")
+        );
+        assert!(!security.ssl_endpoint_identification);
+        let config = load("", &[("WEIR_SERVER__ADMIN_TOKEN", "1.000000000000000000")]).unwrap();
+        assert_eq!(
+            config.server.admin_token.as_ref().map(Secret::expose),
+            Some("1.000000000000000000")
+        );
+        // A number still refuses text, and an unknown security key is named.
+        for (name, value, expect) in [
+            (
+                "WEIR_KAFKA__SESSION_TIMEOUT_MS",
+                "soon",
+                "session_timeout_ms",
+            ),
+            ("WEIR_KAFKA__SECURITY__SASL_USER", "weir", "sasl_user"),
+            ("WEIR_KAFKA__SECURITY__PROTOCOL", "tls", "protocol"),
+        ] {
+            let err = load("", &[(name, value)]).expect_err(name);
+            assert!(matches!(err, ConfigError::Env { .. }), "{err}");
+            assert!(err.to_string().contains(expect), "{err}");
+        }
+    }
+
+    #[test]
+    fn security_rules_name_the_key() {
+        for (file, vars, field) in [
+            (
+                "[kafka.security]\nprotocol = \"sasl_ssl\"\nsasl_mechanism = \"PLAIN\"\n",
+                &[("WEIR_KAFKA__SECURITY__SASL_PASSWORD", "pw")][..],
+                "kafka.security.sasl_username",
+            ),
+            (
+                "[kafka.client_overrides]\n\"security.protocol\" = \"SASL_SSL\"\n",
+                &[],
+                "kafka.client_overrides.\"security.protocol\"",
+            ),
+            (
+                "",
+                &[("WEIR_KAFKA__CLIENT_OVERRIDES__SASL_USERNAME", "weir")][..],
+                "kafka.client_overrides.\"sasl.username\"",
+            ),
+        ] {
+            let err = load(file, vars).expect_err(field);
+            assert_eq!(err.field(), Some(field), "{err}");
+        }
+        let err = load("[kafka.security]\nprotocol = \"sasl_plaintext\"\n", &[]).unwrap_err();
+        assert!(
+            err.to_string().starts_with(
+                "invalid kafka.security.sasl_mechanism: required when protocol is sasl_plaintext or sasl_ssl"
+            ),
+            "{err}"
+        );
     }
 
     #[test]

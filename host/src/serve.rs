@@ -26,6 +26,8 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
+use rdkafka::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -104,7 +106,7 @@ struct Health {
     store: Arc<dyn Store>,
     /// One client for the Kafka metadata probe (created once; `None` if librdkafka refused the
     /// settings, which the probe then reports).
-    kafka: Result<Arc<BaseConsumer>, String>,
+    kafka: Result<Arc<BaseConsumer<ProbeContext>>, String>,
     /// The last Kafka probe and when it ran; held across a probe so concurrent requests share it.
     kafka_probe: tokio::sync::Mutex<Option<(std::time::Instant, Result<(), String>)>>,
     /// The workers started by the last reconciliation.
@@ -122,6 +124,73 @@ struct BindingHealth {
     stats: Arc<WorkerStats>,
     alive: Arc<AtomicBool>,
 }
+
+/// The readiness probe's client context: keeps librdkafka's last error (a refused password, a
+/// failed TLS handshake), which says more than the metadata request's failure. The workers'
+/// and the relay's clients log such errors; this one only reports them.
+#[derive(Default)]
+struct ProbeContext {
+    last_error: std::sync::Mutex<Option<ProbeError>>,
+}
+
+/// An error the probe's client met.
+struct ProbeError {
+    reason: String,
+    at: std::time::Instant,
+    /// Whether it was an access error (credentials, ACLs), which a later "all brokers are down"
+    /// (its consequence) does not replace.
+    access_denied: bool,
+}
+
+/// How long the probe client's last error explains a failed probe: librdkafka reports an
+/// error that repeats only now and then.
+const PROBE_ERROR_KEPT: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl ProbeContext {
+    fn last_error(&self) -> std::sync::MutexGuard<'_, Option<ProbeError>> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The last error, if recent; after a successful probe, none.
+    fn explain(&self, probe_ok: bool) -> Option<String> {
+        let mut last = self.last_error();
+        if probe_ok {
+            *last = None;
+        }
+        last.as_ref()
+            .filter(|error| error.at.elapsed() < PROBE_ERROR_KEPT)
+            .map(|error| error.reason.clone())
+    }
+}
+
+impl ClientContext for ProbeContext {
+    fn log(&self, _level: RDKafkaLogLevel, facility: &str, message: &str) {
+        tracing::debug!(target: "librdkafka", facility, "probe: {message}");
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        let access_denied = error
+            .rdkafka_error_code()
+            .is_some_and(crate::kafka::is_access_denied);
+        let mut last = self.last_error();
+        if let Some(kept) = last.as_ref()
+            && kept.access_denied
+            && !access_denied
+            && kept.at.elapsed() < PROBE_ERROR_KEPT
+        {
+            return;
+        }
+        *last = Some(ProbeError {
+            reason: reason.to_owned(),
+            at: std::time::Instant::now(),
+            access_denied,
+        });
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for ProbeContext {}
 
 /// How long a health probe waits for the store or for Kafka's metadata.
 const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -156,10 +225,19 @@ impl Health {
                     break;
                 }
             }
-            consumer
-                .fetch_metadata(None, PROBE_TIMEOUT)
-                .map(|_| ())
-                .map_err(|e| e.to_string())
+            let result = consumer.fetch_metadata(None, PROBE_TIMEOUT).map(|_| ());
+            // Errors met meanwhile (the callback runs while polling) explain a failure.
+            for _ in 0..1000 {
+                if consumer.poll(std::time::Duration::ZERO).is_none() {
+                    break;
+                }
+            }
+            let explanation = consumer.context().explain(result.is_ok());
+            match (result, explanation) {
+                (Ok(()), _) => Ok(()),
+                (Err(e), Some(reason)) => Err(format!("{e}; last client error: {reason}")),
+                (Err(e), None) => Err(e.to_string()),
+            }
         })
         .await
         .unwrap_or_else(|e| Err(format!("metadata probe failed: {e}")));
@@ -218,7 +296,7 @@ pub async fn serve(config: WeirConfig, shutdown: CancellationToken) -> Result<()
     let probe_client = consumer_config
         .clone()
         .set("group.id", "weir-health")
-        .create::<BaseConsumer>()
+        .create_with_context::<_, BaseConsumer<ProbeContext>>(ProbeContext::default())
         .map(Arc::new)
         .map_err(|e| format!("cannot create the Kafka client: {e}"));
     let health = Arc::new(Health {
@@ -448,6 +526,7 @@ async fn details(State(health): State<Arc<Health>>) -> Json<serde_json::Value> {
                 "consumed": b.stats.consumed.load(Ordering::Relaxed),
                 "committed": b.stats.committed.load(Ordering::Relaxed),
                 "dead_lettered": b.stats.dead_lettered.load(Ordering::Relaxed),
+                "kafka_error": b.stats.kafka_error(),
             })
         })
         .collect();

@@ -12,11 +12,16 @@
 //!
 //! Choices a caller can rely on:
 //! * **Operator settings first, Weir's guarantees last.** [`KafkaClientConfig::client_config`]
-//!   is the bootstrap servers plus the operator's `client_overrides`, passed to librdkafka as
-//!   they are (TLS, SASL, timeouts, …). Each client then adds what it owns; settings a client's
-//!   guarantees depend on (the producer's `enable.idempotence`, `acks`, `message.timeout.ms`)
-//!   cannot be overridden: such an override is refused when the client is built, never silently
-//!   ignored.
+//!   is the bootstrap servers, the typed security settings (`[kafka.security]`, translated in
+//!   `security.rs` and nowhere else) and the operator's `client_overrides`, passed to
+//!   librdkafka as they are (timeouts, further TLS options, …). Each client then adds what it
+//!   owns; settings a client's guarantees depend on (the producer's `enable.idempotence`,
+//!   `acks`, `message.timeout.ms`) cannot be overridden, nor can the typed security settings:
+//!   such an override is refused when the configuration is validated or the client is built,
+//!   never silently ignored.
+//! * **One client configuration for all.** The bindings' consumers, the outbox relay's producer
+//!   (which also publishes DLQ records) and the readiness probe all start from
+//!   [`KafkaClientConfig::client_config`], so they authenticate as the same principal.
 //! * **Weir's headers win.** A published outbox record carries `message-id` (the row's own id),
 //!   `causation-id` (the causing message's id) and, when there is one, `traceparent`, in that
 //!   order, followed by the handler's own headers in the handler's order, less any the handler
@@ -27,6 +32,7 @@
 
 mod producer;
 mod relay;
+pub mod security;
 
 use std::collections::BTreeMap;
 
@@ -35,6 +41,8 @@ use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use serde::Deserialize;
 
 use crate::store::OutboxRecord;
+
+pub use security::{SaslMechanism, SecurityConfig, SecurityProtocol};
 
 pub use relay::{
     BACKOFF_MAX, BACKOFF_MIN, DEFAULT_BATCH, DEFAULT_DELIVERY_TIMEOUT, DEFAULT_DRAIN_TIMEOUT,
@@ -58,9 +66,14 @@ pub const TRACEPARENT_HEADER: &str = "traceparent";
 /// [kafka]
 /// bootstrap_servers = "broker-1:9092,broker-2:9092"
 ///
+/// [kafka.security]
+/// protocol = "sasl_ssl"
+/// sasl_mechanism = "SCRAM-SHA-512"
+/// sasl_username = "weir"
+/// sasl_password = "…"
+///
 /// [kafka.client_overrides]
-/// "security.protocol" = "SASL_SSL"
-/// "sasl.mechanism" = "SCRAM-SHA-512"
+/// "client.rack" = "eu-west-1a"
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -68,9 +81,12 @@ pub struct KafkaClientConfig {
     /// The cluster's bootstrap servers, `host:port` separated by commas (librdkafka's
     /// `bootstrap.servers`).
     pub bootstrap_servers: String,
-    /// librdkafka properties passed to every client as they are, e.g. TLS and SASL settings
-    /// (see librdkafka's `CONFIGURATION.md`). Properties a client's guarantees depend on are
-    /// refused by that client.
+    /// Encryption and authentication (`[kafka.security]`).
+    #[serde(default)]
+    pub security: SecurityConfig,
+    /// librdkafka properties passed to every client as they are (see librdkafka's
+    /// `CONFIGURATION.md`). The properties `security` owns are refused, and properties a
+    /// client's guarantees depend on are refused by that client.
     #[serde(default)]
     pub client_overrides: BTreeMap<String, String>,
 }
@@ -104,6 +120,7 @@ impl KafkaClientConfig {
     pub fn new(bootstrap_servers: impl Into<String>) -> Self {
         Self {
             bootstrap_servers: bootstrap_servers.into(),
+            security: SecurityConfig::default(),
             client_overrides: BTreeMap::new(),
         }
     }
@@ -129,15 +146,24 @@ impl KafkaClientConfig {
                     "set kafka.bootstrap_servers instead",
                 ));
             }
+            if let Some(owner) = security::owner_of(key) {
+                return Err(invalid(
+                    format!("kafka.client_overrides.{key:?}"),
+                    format!("set kafka.security.{owner} instead"),
+                ));
+            }
         }
-        Ok(())
+        self.security.validate()
     }
 
-    /// The librdkafka settings every client starts from: `bootstrap.servers` and the overrides.
-    /// Clients add their own settings on top.
+    /// The librdkafka settings every client starts from: `bootstrap.servers`, the security
+    /// settings and the overrides. Clients add their own settings on top.
     pub fn client_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", &self.bootstrap_servers);
+        for (key, value) in self.security.properties() {
+            config.set(key, value);
+        }
         for (key, value) in &self.client_overrides {
             config.set(key, value);
         }
@@ -155,6 +181,20 @@ pub struct LogContext;
 
 impl ClientContext for LogContext {
     fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        forward_log(level, facility, message);
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        // Mostly transport errors (a broker down, a connection refused), which librdkafka
+        // retries on its own; the relay reports failed deliveries separately.
+        tracing::warn!(target: "librdkafka", %error, "kafka client error: {reason}");
+    }
+}
+
+/// Write one of librdkafka's log lines through `tracing` (target `librdkafka`), at the matching
+/// level: what [`LogContext`] and the other clients' contexts do with them.
+pub fn forward_log(level: RDKafkaLogLevel, facility: &str, message: &str) {
+    {
         match level {
             RDKafkaLogLevel::Emerg
             | RDKafkaLogLevel::Alert
@@ -173,12 +213,24 @@ impl ClientContext for LogContext {
             }
         }
     }
+}
 
-    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        // Mostly transport errors (a broker down, a connection refused), which librdkafka
-        // retries on its own; the relay reports failed deliveries separately.
-        tracing::warn!(target: "librdkafka", %error, "kafka client error: {reason}");
-    }
+/// Whether a librdkafka error means the brokers refused the client's credentials or its
+/// principal's rights (an ACL is missing): errors librdkafka keeps retrying but that only an
+/// operator can end.
+pub fn is_access_denied(code: rdkafka::types::RDKafkaErrorCode) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    matches!(
+        code,
+        Code::TopicAuthorizationFailed
+            | Code::GroupAuthorizationFailed
+            | Code::ClusterAuthorizationFailed
+            | Code::TransactionalIdAuthorizationFailed
+            | Code::DelegationTokenAuthorizationFailed
+            | Code::SaslAuthenticationFailed
+            | Code::Authentication
+            | Code::UnsupportedSASLMechanism
+    )
 }
 
 /// The headers an outbox record is published with, in order: `message-id`, `causation-id`,
@@ -281,15 +333,72 @@ mod tests {
     }
 
     #[test]
-    fn client_config_is_bootstrap_plus_overrides() {
+    fn client_config_is_bootstrap_plus_security_plus_overrides() {
         let mut kafka = KafkaClientConfig::new("127.0.0.1:9092");
         kafka
             .client_overrides
-            .insert("security.protocol".into(), "SSL".into());
+            .insert("client.rack".into(), "a".into());
+        kafka.security = SecurityConfig {
+            protocol: SecurityProtocol::SaslPlaintext,
+            sasl_mechanism: Some(SaslMechanism::ScramSha512),
+            sasl_username: Some("weir".into()),
+            sasl_password: Some(crate::config::Secret::new("pw")),
+            ..SecurityConfig::default()
+        };
         kafka.validate().unwrap();
         let config = kafka.client_config();
         assert_eq!(config.get("bootstrap.servers"), Some("127.0.0.1:9092"));
-        assert_eq!(config.get("security.protocol"), Some("SSL"));
+        assert_eq!(config.get("client.rack"), Some("a"));
+        assert_eq!(config.get("security.protocol"), Some("SASL_PLAINTEXT"));
+        assert_eq!(config.get("sasl.mechanisms"), Some("SCRAM-SHA-512"));
+        assert_eq!(config.get("sasl.username"), Some("weir"));
+        assert_eq!(config.get("sasl.password"), Some("pw"));
+        // librdkafka's own debug output leaves the password out.
+        assert!(!format!("{config:?}").contains("\"pw\""));
+        // Without a security section: plain text, said explicitly.
+        let config = KafkaClientConfig::new("b:9092").client_config();
+        assert_eq!(config.get("security.protocol"), Some("PLAINTEXT"));
+    }
+
+    #[test]
+    fn overrides_of_security_settings_are_refused() {
+        for (property, key) in [
+            ("security.protocol", "kafka.security.protocol"),
+            ("sasl.mechanism", "kafka.security.sasl_mechanism"),
+            ("sasl.mechanisms", "kafka.security.sasl_mechanism"),
+            ("sasl.password", "kafka.security.sasl_password"),
+            ("ssl.key.location", "kafka.security.ssl_key_location"),
+            (
+                "ssl.endpoint.identification.algorithm",
+                "kafka.security.ssl_endpoint_identification",
+            ),
+        ] {
+            let mut kafka = KafkaClientConfig::new("b:9092");
+            kafka.client_overrides.insert(property.into(), "x".into());
+            let error = kafka.validate().unwrap_err().to_string();
+            assert!(
+                error.starts_with(&format!("invalid kafka.client_overrides.{property:?}: ")),
+                "{error}"
+            );
+            assert!(error.contains(&format!("set {key} instead")), "{error}");
+        }
+        // Further TLS options are not owned: they pass.
+        let mut kafka = KafkaClientConfig::new("b:9092");
+        kafka
+            .client_overrides
+            .insert("ssl.cipher.suites".into(), "ECDHE".into());
+        kafka.validate().unwrap();
+    }
+
+    #[test]
+    fn security_validation_is_part_of_the_client_configuration() {
+        let mut kafka = KafkaClientConfig::new("b:9092");
+        kafka.security.protocol = SecurityProtocol::SaslSsl;
+        let error = kafka.validate().unwrap_err().to_string();
+        assert!(
+            error.starts_with("invalid kafka.security.sasl_mechanism: required"),
+            "{error}"
+        );
     }
 
     #[test]

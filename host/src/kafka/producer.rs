@@ -204,6 +204,18 @@ mod tests {
         assert!(producer.fatal_error().is_none());
         producer.close(Duration::ZERO).await.unwrap();
 
+        // This build of librdkafka has TLS and SCRAM: both are accepted when the client is made.
+        let mut kafka = KafkaClientConfig::new("127.0.0.1:1");
+        kafka.security = crate::kafka::SecurityConfig {
+            protocol: crate::kafka::SecurityProtocol::SaslSsl,
+            sasl_mechanism: Some(crate::kafka::SaslMechanism::ScramSha512),
+            sasl_username: Some("weir".into()),
+            sasl_password: Some(crate::config::Secret::new("pw")),
+            ..crate::kafka::SecurityConfig::default()
+        };
+        let producer = OutboxProducer::new(&kafka, Duration::from_secs(1)).unwrap();
+        producer.close(Duration::ZERO).await.unwrap();
+
         let mut kafka = KafkaClientConfig::new("127.0.0.1:1");
         kafka
             .client_overrides

@@ -14,18 +14,32 @@
 //! `max.poll.interval.ms` — and resumes them once the held batch is delivered. Partitions
 //! assigned while paused are paused at once.
 //!
+//! Errors: librdkafka retries what fails on its own (a broker down, an ACL missing) and tells
+//! the consumer's context; the context writes them through `tracing` with librdkafka's own
+//! explanation (its log lines too), each kind of error (its code) at most every
+//! [`ERROR_LOG_EVERY`] while it repeats. An *access* error — credentials refused, or an ACL
+//! missing for the binding's topics or group ([`crate::kafka::is_access_denied`]) — is logged at
+//! error level naming the binding, the topics, the group and what to grant, and kept in the
+//! worker's stats (shown by `/health/details`) until partitions are assigned or records arrive.
+//! The worker keeps running meanwhile: once the rights are granted, consumption starts without
+//! a restart.
+//!
 //! Generations: every revocation starts a new generation. Batches carry the generation they were
 //! polled in; the coordinator drops a batch from an earlier generation (those records will be
 //! fetched again from the committed offsets), so a stale record never reaches the offset
 //! tracker of a partition assigned anew.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers, Message as _};
 use rdkafka::statistics::Statistics;
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
@@ -42,6 +56,13 @@ pub const BATCH_MAX: usize = 256;
 
 /// How long one `poll` waits for a record.
 const POLL_WAIT: Duration = Duration::from_millis(100);
+
+/// How often a Kafka error of the same kind is logged again while it repeats: 30 s (librdkafka
+/// retries some of them every second).
+pub const ERROR_LOG_EVERY: Duration = Duration::from_secs(30);
+
+/// Kinds of error whose last logging a consumer remembers, at most.
+const ERROR_KINDS_KEPT: usize = 32;
 
 /// Stops and restarts a worker's consumption from outside the worker. Pausing stops fetching
 /// for every assigned partition (and for partitions assigned later) until resumed; messages
@@ -91,6 +112,102 @@ pub struct IntakeContext {
     paused: AtomicBool,
     /// Where librdkafka's statistics put the consumer lag, if anywhere.
     lag: Option<LagGauge>,
+    /// Who the consumer works for and where its access errors go, if anywhere.
+    errors: Option<ErrorReport>,
+}
+
+/// Where a consumer's errors are reported: the binding it works for (named in the log) and the
+/// worker's stats (read by `/health/details`).
+pub struct ErrorReport {
+    binding: String,
+    topics: String,
+    group: String,
+    stats: Arc<WorkerStats>,
+    /// When each kind of error (its code) was last logged, so a repeating one is logged every
+    /// [`ERROR_LOG_EVERY`]; at most [`ERROR_KINDS_KEPT`] kinds.
+    last_logged: Mutex<HashMap<String, Instant>>,
+}
+
+impl ErrorReport {
+    /// Report the errors of `binding`'s consumer of `topics` in `group` to `stats`.
+    pub fn new(binding: &str, topics: &[String], group: &str, stats: Arc<WorkerStats>) -> Self {
+        Self {
+            binding: binding.to_owned(),
+            topics: topics.join(", "),
+            group: group.to_owned(),
+            stats,
+            last_logged: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// What an operator reads: librdkafka's `reason`, and for an access error what the
+    /// principal lacks.
+    fn describe(&self, code: RDKafkaErrorCode, reason: &str) -> String {
+        let (topics, group) = (&self.topics, &self.group);
+        let reason = reason.trim_end_matches('.');
+        match code {
+            RDKafkaErrorCode::GroupAuthorizationFailed => format!(
+                "kafka denied access to consumer group {group}: {reason}; the principal needs \
+                 READ on group {group}"
+            ),
+            RDKafkaErrorCode::TopicAuthorizationFailed => format!(
+                "kafka denied access to topic {topics}: {reason}; the principal needs READ on \
+                 topic {topics}"
+            ),
+            RDKafkaErrorCode::ClusterAuthorizationFailed
+            | RDKafkaErrorCode::TransactionalIdAuthorizationFailed
+            | RDKafkaErrorCode::DelegationTokenAuthorizationFailed => {
+                format!("kafka denied the consumer of {topics} an operation: {reason}")
+            }
+            _ => format!(
+                "kafka refused the credentials of the consumer of {topics}: {reason}; check \
+                 kafka.security"
+            ),
+        }
+    }
+
+    /// Whether an error of `kind` is due to be logged (none logged within [`ERROR_LOG_EVERY`]).
+    fn due(&self, kind: String) -> bool {
+        let mut last = self
+            .last_logged
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last
+            .get(&kind)
+            .is_some_and(|at| at.elapsed() < ERROR_LOG_EVERY)
+        {
+            return false;
+        }
+        if last.len() >= ERROR_KINDS_KEPT {
+            last.retain(|_, at| at.elapsed() < ERROR_LOG_EVERY);
+        }
+        if last.len() < ERROR_KINDS_KEPT {
+            last.insert(kind, Instant::now());
+        }
+        true
+    }
+
+    fn report(&self, error: &KafkaError, reason: &str) {
+        let binding = &self.binding;
+        let code = error.rdkafka_error_code();
+        // librdkafka's text varies between two occurrences ("after 311ms in state …"): an error
+        // is of the same kind as another when its code is.
+        let kind = code.map_or_else(|| reason.to_owned(), |code| format!("{code:?}"));
+        match code.filter(|code| crate::kafka::is_access_denied(*code)) {
+            Some(code) => {
+                let message = self.describe(code, reason);
+                if self.due(kind) {
+                    tracing::error!(binding, code = ?code, "{message}");
+                }
+                self.stats.set_kafka_error(message);
+            }
+            None => {
+                if self.due(kind) {
+                    tracing::warn!(binding, %error, "kafka consumer error: {reason}");
+                }
+            }
+        }
+    }
 }
 
 impl IntakeContext {
@@ -102,7 +219,14 @@ impl IntakeContext {
             generation: AtomicU64::new(0),
             paused: AtomicBool::new(false),
             lag: None,
+            errors: None,
         }
+    }
+
+    /// Log the consumer's errors for a binding and keep its access errors in `errors`' stats.
+    pub fn with_errors(mut self, errors: ErrorReport) -> Self {
+        self.errors = Some(errors);
+        self
     }
 
     /// Set `lag` from librdkafka's statistics (emitted every `statistics.interval.ms`, on the
@@ -121,6 +245,17 @@ fn partitions(list: &TopicPartitionList) -> Vec<(String, i32)> {
 }
 
 impl ClientContext for IntakeContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        crate::kafka::forward_log(level, facility, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        match &self.errors {
+            Some(errors) => errors.report(&error, reason),
+            None => tracing::warn!(%error, "kafka consumer error: {reason}"),
+        }
+    }
+
     fn stats(&self, statistics: Statistics) {
         // While paused, librdkafka fetches nothing and its high watermarks go stale; the intake
         // loop samples the lag itself then (see `sample_paused_lag`).
@@ -159,6 +294,12 @@ impl ConsumerContext for IntakeContext {
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(list) = rebalance {
+            if list.count() > 0
+                && let Some(errors) = &self.errors
+            {
+                // In the group with partitions: whatever was denied has been granted.
+                errors.stats.clear_kafka_error();
+            }
             if self.paused.load(Ordering::Relaxed)
                 && let Err(e) = consumer.pause(list)
             {
@@ -223,7 +364,9 @@ pub fn intake_loop(
             match consumer.poll(wait) {
                 None => break,
                 Some(Err(e)) => {
-                    tracing::warn!(error = %e, "kafka consumer error");
+                    // The context's error callback saw it first, with librdkafka's explanation,
+                    // and logged it.
+                    tracing::debug!(error = %e, "kafka consumer error");
                     break;
                 }
                 Some(Ok(record)) => received.push(to_message(&record)),
@@ -233,6 +376,7 @@ pub fn intake_loop(
         if received.is_empty() {
             continue;
         }
+        stats.clear_kafka_error();
         stats
             .consumed
             .fetch_add(received.len() as u64, Ordering::Relaxed);
@@ -355,5 +499,75 @@ fn to_message(record: &BorrowedMessage<'_>) -> Message {
         timestamp_ms: record.timestamp().to_millis(),
         tenant: String::new(),
         attempt: 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report() -> (ErrorReport, Arc<WorkerStats>) {
+        let stats = Arc::new(WorkerStats::default());
+        let report = ErrorReport::new(
+            "acme.orders",
+            &["orders".to_owned()],
+            "weir.acme.orders",
+            stats.clone(),
+        );
+        (report, stats)
+    }
+
+    #[test]
+    fn access_errors_say_what_to_grant_and_stay_until_cleared() {
+        let (report, stats) = report();
+        report.report(
+            &KafkaError::Global(RDKafkaErrorCode::GroupAuthorizationFailed),
+            "FindCoordinator response error: Group authorization failed.",
+        );
+        assert_eq!(
+            stats.kafka_error().as_deref(),
+            Some(
+                "kafka denied access to consumer group weir.acme.orders: FindCoordinator \
+                 response error: Group authorization failed; the principal needs READ on group \
+                 weir.acme.orders"
+            )
+        );
+        report.report(
+            &KafkaError::Global(RDKafkaErrorCode::TopicAuthorizationFailed),
+            "Subscribed topic not available: orders: Broker: Topic authorization failed",
+        );
+        let error = stats.kafka_error().unwrap();
+        assert!(error.contains("READ on topic orders"), "{error}");
+        report.report(
+            &KafkaError::Global(RDKafkaErrorCode::Authentication),
+            "SASL authentication error: Authentication failed",
+        );
+        let error = stats.kafka_error().unwrap();
+        assert!(
+            error.starts_with("kafka refused the credentials"),
+            "{error}"
+        );
+        assert!(error.ends_with("check kafka.security"), "{error}");
+        // A transport error is logged, not kept: it is not the binding's to fix.
+        stats.clear_kafka_error();
+        report.report(
+            &KafkaError::Global(RDKafkaErrorCode::AllBrokersDown),
+            "1/1 brokers are down",
+        );
+        assert_eq!(stats.kafka_error(), None);
+    }
+
+    #[test]
+    fn a_repeating_error_is_logged_once_per_interval_and_kind() {
+        let (report, _) = report();
+        assert!(report.due("GroupAuthorizationFailed".into()));
+        assert!(!report.due("GroupAuthorizationFailed".into()));
+        assert!(report.due("TopicAuthorizationFailed".into()));
+        assert!(!report.due("GroupAuthorizationFailed".into()));
+        // The memory of kinds is bounded; past it, errors are logged rather than forgotten.
+        for kind in 0..2 * ERROR_KINDS_KEPT {
+            assert!(report.due(format!("kind {kind}")));
+        }
+        assert!(report.last_logged.lock().unwrap().len() <= ERROR_KINDS_KEPT);
     }
 }

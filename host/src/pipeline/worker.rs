@@ -94,7 +94,7 @@ use super::breaker::{
 };
 use super::dispatch::{KeyScheduler, Ticket};
 use super::handler::{HandlerReader, HandlerSlot};
-use super::intake::{Batch, Control, IntakeContext, PauseSwitch, intake_loop};
+use super::intake::{Batch, Control, ErrorReport, IntakeContext, PauseSwitch, intake_loop};
 use super::offsets::PartitionOffsets;
 use super::rate_limit::TenantLimiter;
 use super::retry::{Decision, FailureKind, JitterRng};
@@ -216,6 +216,42 @@ pub struct WorkerStats {
     pub breaker_open: AtomicBool,
     /// Failures that parked their message for the breaker (no attempt spent, no DLQ).
     pub parked: AtomicU64,
+    /// Whether [`Self::kafka_error`] holds an error (read on the intake's path without a lock).
+    kafka_error_set: AtomicBool,
+    /// The last access error the binding's consumer met — its credentials refused, or an ACL
+    /// missing for its topics or group — until partitions are assigned or records arrive.
+    kafka_error: std::sync::Mutex<Option<String>>,
+}
+
+impl WorkerStats {
+    /// The consumer's last access error, while it lasts (see [`super::intake`]).
+    pub fn kafka_error(&self) -> Option<String> {
+        self.kafka_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Record an access error of the consumer.
+    pub fn set_kafka_error(&self, error: String) {
+        *self
+            .kafka_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(error);
+        self.kafka_error_set.store(true, AtomicOrdering::Release);
+    }
+
+    /// Forget the consumer's access error: it was granted what it lacked.
+    pub fn clear_kafka_error(&self) {
+        if self.kafka_error_set.load(AtomicOrdering::Relaxed)
+            && self.kafka_error_set.swap(false, AtomicOrdering::AcqRel)
+        {
+            *self
+                .kafka_error
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        }
+    }
 }
 
 /// Why a worker stopped.
@@ -372,7 +408,13 @@ impl Worker {
             }
         };
         let context = IntakeContext::new(control_tx, self.settings.drain_deadline)
-            .with_lag(metrics.lag.clone());
+            .with_lag(metrics.lag.clone())
+            .with_errors(ErrorReport::new(
+                &self.binding_id,
+                &self.spec.topics,
+                &self.spec.group_id(),
+                self.stats.clone(),
+            ));
         let mut config = self.kafka.clone();
         config
             .set("group.id", self.spec.group_id())

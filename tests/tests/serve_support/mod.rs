@@ -1,6 +1,7 @@
 //! What the `weir serve` acceptance tests (`cable_cut.rs`, `scaling.rs`,
 //! `postgres_restart.rs`, `metrics.rs`, and `hot_swap_replay.rs`, which produces its own orders after
-//! [`Scenario::deployed`]) share: a scenario — a fresh input topic, the `orders` handler
+//! [`Scenario::deployed`], and `kafka_acl.rs`, on a broker of its own: [`Scenario::deployed_on`])
+//! share: a scenario — a fresh input topic, the `orders` handler
 //! deployed through the real binary, N orders over K customers produced to the real broker —,
 //! `weir serve` processes to start and kill, and the end-of-run check that every per-key
 //! counter is exact (0 lost, 0 doubled) and the outbox holds one record per message.
@@ -58,14 +59,28 @@ pub struct Scenario {
     pub database_url: String,
     pub dir: tempfile::TempDir,
     env: Vec<(String, String)>,
+    /// librdkafka properties of the test's own clients (creating topics, producing):
+    /// `bootstrap.servers` and, on a secured broker, a super user's credentials.
+    kafka: Vec<(String, String)>,
 }
 
-/// Create `topic` with `partitions` on the test broker.
-async fn create_topic(topic: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &services().kafka)
-        .create()
-        .unwrap();
+/// The test broker of `tests/services`, reached without credentials.
+pub fn shared_kafka() -> Vec<(String, String)> {
+    vec![("bootstrap.servers".to_owned(), services().kafka)]
+}
+
+/// A librdkafka configuration with `properties`.
+pub fn client_config(properties: &[(String, String)]) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    for (key, value) in properties {
+        config.set(key, value);
+    }
+    config
+}
+
+/// Create `topic` with `partitions` on the broker `kafka` names.
+pub async fn create_topic(kafka: &[(String, String)], topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = client_config(kafka).create().unwrap();
     for result in admin
         .create_topics(
             &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
@@ -98,8 +113,7 @@ impl Scenario {
     /// Produce `count` more orders over `keys` customers (order numbers go on from those
     /// produced before), adding them to what [`Self::verify`] expects.
     pub async fn produce(&mut self, count: usize, keys: usize) {
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", &services().kafka)
+        let producer: FutureProducer = client_config(&self.kafka)
             .set("enable.idempotence", "true")
             .set("linger.ms", "20")
             .create()
@@ -126,9 +140,21 @@ impl Scenario {
     /// Create the topic (`partitions`) and deploy `orders` (version 1) to it, producing
     /// nothing: the caller produces and fills in `messages` and `expected`.
     pub async fn deployed(prefix: &str, partitions: i32) -> Self {
+        Self::deployed_on(shared_kafka(), prefix, partitions).await
+    }
+
+    /// [`Self::deployed`] on the broker `kafka` names (its `bootstrap.servers` and what the
+    /// test's own clients need to reach it); the hosts get its bootstrap servers, and whatever
+    /// else they need through [`Self::set_env`].
+    pub async fn deployed_on(kafka: Vec<(String, String)>, prefix: &str, partitions: i32) -> Self {
         let services = services();
+        let bootstrap = kafka
+            .iter()
+            .find(|(key, _)| key == "bootstrap.servers")
+            .map(|(_, value)| value.clone())
+            .expect("bootstrap.servers");
         let input = unique_name(prefix);
-        create_topic(&input, partitions).await;
+        create_topic(&kafka, &input, partitions).await;
         let tenant = unique_name("t");
         // A schema of its own: the hosts of this scenario run only its binding, not every
         // binding earlier tests left in the shared database.
@@ -145,10 +171,7 @@ impl Scenario {
         let database_url = format!("{base}{separator}options=-c%20search_path%3D{schema}");
         let env = vec![
             ("WEIR_STORE__URL".to_owned(), database_url.clone()),
-            (
-                "WEIR_KAFKA__BOOTSTRAP_SERVERS".to_owned(),
-                services.kafka.clone(),
-            ),
+            ("WEIR_KAFKA__BOOTSTRAP_SERVERS".to_owned(), bootstrap),
             (
                 "WEIR_PIPELINE__RECONCILE_EVERY_MS".to_owned(),
                 "500".to_owned(),
@@ -166,6 +189,7 @@ impl Scenario {
             database_url,
             dir: tempfile::tempdir().unwrap(),
             env,
+            kafka,
         };
         scenario.deploy();
         scenario
@@ -177,7 +201,7 @@ impl Scenario {
     /// [`Self::produce`].
     pub async fn another_tenant(&self, prefix: &str, partitions: i32) -> Self {
         let input = unique_name(prefix);
-        create_topic(&input, partitions).await;
+        create_topic(&self.kafka, &input, partitions).await;
         let tenant = unique_name("t");
         let scenario = Self {
             binding_id: format!("{tenant}.orders"),
@@ -190,6 +214,7 @@ impl Scenario {
             database_url: self.database_url.clone(),
             dir: tempfile::tempdir().unwrap(),
             env: self.env.clone(),
+            kafka: self.kafka.clone(),
         };
         scenario.deploy();
         scenario
