@@ -68,13 +68,34 @@ pub struct Deployment {
     pub binding_id: String,
 }
 
-/// Put the component in the store as the active version of the run's handler, and bind it to
-/// `topic` under `binding_id` with every default but a consumer group of its own.
+/// What a phase deploys: a handler (name and component) and how its binding differs from the
+/// defaults.
+pub struct Handler<'a> {
+    /// Handler name in the store.
+    pub name: &'a str,
+    /// Component bytes.
+    pub component: &'a [u8],
+    /// Settings of the binding that are not the defaults.
+    pub configure: &'a dyn Fn(&mut BindingSpec),
+}
+
+/// The run's no-op handler, bound with every default.
+pub fn noop(bench: &Bench) -> Handler<'_> {
+    Handler {
+        name: HANDLER,
+        component: &bench.component,
+        configure: &|_| {},
+    }
+}
+
+/// Put `handler`'s component in the store as its active version, and bind it to `topic` under
+/// `binding_id` with a consumer group of its own and the handler's settings.
 pub async fn deploy(
     config: &WeirConfig,
     bench: &Bench,
     binding_id: &str,
     topic: &str,
+    handler: &Handler<'_>,
 ) -> anyhow::Result<Deployment> {
     let store = config
         .store
@@ -83,17 +104,23 @@ pub async fn deploy(
         .with_context(|| format!("cannot open the store at {}", config.store.redacted_url()))?;
     let deployed = async {
         let version = store
-            .put_handler_version(&bench.tenant, HANDLER, &bench.component, &Quota::default())
+            .put_handler_version(
+                &bench.tenant,
+                handler.name,
+                handler.component,
+                &Quota::default(),
+            )
             .await?;
         store
-            .activate(&bench.tenant, HANDLER, version.version)
+            .activate(&bench.tenant, handler.name, version.version)
             .await?;
-        let mut spec = BindingSpec::new(&bench.tenant, HANDLER, vec![topic.to_owned()]);
+        let mut spec = BindingSpec::new(&bench.tenant, handler.name, vec![topic.to_owned()]);
         spec.group_id = Some(format!("weir.{binding_id}"));
+        (handler.configure)(&mut spec);
         spec.validate()?;
         let spec = serde_json::to_value(&spec)?;
         store
-            .put_binding(binding_id, &bench.tenant, HANDLER, &spec)
+            .put_binding(binding_id, &bench.tenant, handler.name, &spec)
             .await?;
         Ok::<_, anyhow::Error>(())
     }
@@ -168,13 +195,30 @@ pub async fn throughput(
     last_ids: &[String],
     messages: u64,
 ) -> anyhow::Result<PhaseFigures> {
-    let deployment = deploy(
+    timed(
         config,
         bench,
         &format!("{}.throughput", bench.tenant),
         topic,
+        &noop(bench),
+        last_ids,
+        messages,
     )
-    .await?;
+    .await
+}
+
+/// Deploy `handler` to `topic` as `binding_id`, start a host, and time it until every one of
+/// `messages` messages has a processed key; then stop the host and remove the binding.
+pub async fn timed(
+    config: &WeirConfig,
+    bench: &Bench,
+    binding_id: &str,
+    topic: &str,
+    handler: &Handler<'_>,
+    last_ids: &[String],
+    messages: u64,
+) -> anyhow::Result<PhaseFigures> {
+    let deployment = deploy(config, bench, binding_id, topic, handler).await?;
     let start = Instant::now();
     let mut host = Host::start(config);
     let measured = wait_for_all(&mut host, bench, &deployment, last_ids, messages, start).await;

@@ -90,7 +90,14 @@ pub async fn run(
     settings: &ServerSettings,
 ) -> anyhow::Result<LatencyFigures> {
     let deployment =
-        host::deploy(config, bench, &format!("{}.latency", bench.tenant), topic).await?;
+        host::deploy(
+            config,
+            bench,
+            &format!("{}.latency", bench.tenant),
+            topic,
+            &host::noop(bench),
+        )
+        .await?;
     let producer = kafka::producer(&bench.kafka, &[("linger.ms", "0")])?;
     let start = Instant::now();
     let mut host = Host::start(config);

@@ -21,6 +21,7 @@
 
 mod database;
 mod host;
+mod io;
 mod kafka;
 mod latency;
 mod report;
@@ -47,7 +48,7 @@ const DEFAULT_PARTITIONS: i32 = 12;
 /// Messages the per-message baseline handles by default: a prefix, because it is slow.
 const DEFAULT_SEED_MESSAGES: u64 = 5_000;
 /// Offered rate of the latency phase by default, messages per second.
-const DEFAULT_RATE: u64 = 2_000;
+const DEFAULT_RATE: u64 = 10_000;
 /// Length of the latency phase by default, seconds.
 const DEFAULT_LATENCY_SECS: u64 = 10;
 
@@ -56,6 +57,19 @@ const SMOKE_MESSAGES: u64 = 2_000;
 const SMOKE_SEED_MESSAGES: u64 = 200;
 const SMOKE_RATE: u64 = 500;
 const SMOKE_LATENCY_SECS: u64 = 2;
+/// Messages of the I/O-bound phase's key-ordered run.
+const DEFAULT_IO_MESSAGES: u64 = 20_000;
+const SMOKE_IO_MESSAGES: u64 = 200;
+/// Messages of the I/O-bound phase's partition-sequential run (at 5 ms each: 5 s).
+const DEFAULT_IO_SEQUENTIAL_MESSAGES: u64 = 1_000;
+const SMOKE_IO_SEQUENTIAL_MESSAGES: u64 = 20;
+/// Wait per message in the I/O-bound phase, milliseconds.
+const DEFAULT_IO_WAIT_MS: u64 = 5;
+/// Keys of the I/O-bound phase.
+const IO_KEYS: u64 = 1_000;
+/// `max_in_flight` of the I/O-bound phase's key-ordered binding (capped by the host's instance
+/// pool).
+const DEFAULT_IO_MAX_IN_FLIGHT: usize = 120;
 
 /// The component the benchmark deploys when `--component` is not given.
 const DEFAULT_COMPONENT: &str = "weir_fixture_checksum.wasm";
@@ -97,6 +111,16 @@ struct Args {
     /// Length of the latency phase, seconds [default: 10; smoke: 2].
     #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=3_600))]
     latency_secs: Option<u64>,
+    /// Messages of the I/O-bound phase, key-ordered run [default: 20000; smoke: 200]; the
+    /// partition-sequential run handles a twentieth (at least 20).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    io_messages: Option<u64>,
+    /// Wait per message of the I/O-bound phase, milliseconds [default: 5].
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    io_wait_ms: Option<u64>,
+    /// `max_in_flight` of the I/O-bound phase's key-ordered binding [default: 120].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    io_max_in_flight: Option<u64>,
     /// Tiny counts, to prove the harness works (CI); the timings mean nothing.
     #[arg(long)]
     smoke: bool,
@@ -125,6 +149,16 @@ pub struct Plan {
     pub rate: u64,
     /// Length of the latency phase, seconds.
     pub latency_secs: u64,
+    /// Messages of the I/O-bound phase's key-ordered run.
+    pub io_messages: u64,
+    /// Messages of its partition-sequential run.
+    pub io_sequential_messages: u64,
+    /// Its wait per message, milliseconds.
+    pub io_wait_ms: u64,
+    /// Its keys.
+    pub io_keys: u64,
+    /// Its key-ordered binding's `max_in_flight`.
+    pub io_max_in_flight: usize,
     /// Whether this is a smoke run (timings not meaningful).
     pub smoke: bool,
 }
@@ -151,6 +185,19 @@ impl Plan {
             .min(messages),
             rate: pick(args.rate, SMOKE_RATE, DEFAULT_RATE),
             latency_secs: pick(args.latency_secs, SMOKE_LATENCY_SECS, DEFAULT_LATENCY_SECS),
+            io_messages: pick(args.io_messages, SMOKE_IO_MESSAGES, DEFAULT_IO_MESSAGES),
+            io_sequential_messages: match args.io_messages {
+                Some(n) => (n / 20).max(20),
+                None if smoke => SMOKE_IO_SEQUENTIAL_MESSAGES,
+                None => DEFAULT_IO_SEQUENTIAL_MESSAGES,
+            },
+            io_wait_ms: args.io_wait_ms.unwrap_or(DEFAULT_IO_WAIT_MS),
+            io_keys: IO_KEYS,
+            io_max_in_flight: args
+                .io_max_in_flight
+                .map_or(DEFAULT_IO_MAX_IN_FLIGHT, |n| {
+                    usize::try_from(n).unwrap_or(DEFAULT_IO_MAX_IN_FLIGHT)
+                }),
             smoke,
         }
     }
@@ -328,6 +375,8 @@ async fn phases(plan: &Plan, bench: &mut Bench) -> anyhow::Result<Report> {
     let latency = latency::run(&config, bench, &latency_topic, plan, &settings).await?;
     progress(format_args!("latency: {}", latency));
 
+    let io = io::run(&config, bench, plan).await?;
+
     Ok(Report::new(
         plan.clone(),
         report::Environment {
@@ -344,6 +393,7 @@ async fn phases(plan: &Plan, bench: &mut Bench) -> anyhow::Result<Report> {
         weir,
         seed,
         latency,
+        io,
     ))
 }
 
@@ -368,6 +418,15 @@ mod tests {
         assert_eq!(smoke.rate, SMOKE_RATE);
         assert_eq!(smoke.latency_secs, SMOKE_LATENCY_SECS);
         assert_eq!(parse(&["--smoke", "--messages", "5000"]).messages, 5000);
+        assert_eq!(
+            (full.io_messages, full.io_sequential_messages, full.io_wait_ms),
+            (DEFAULT_IO_MESSAGES, DEFAULT_IO_SEQUENTIAL_MESSAGES, 5)
+        );
+        assert_eq!(
+            (smoke.io_messages, smoke.io_sequential_messages),
+            (SMOKE_IO_MESSAGES, SMOKE_IO_SEQUENTIAL_MESSAGES)
+        );
+        assert_eq!(parse(&["--io-messages", "4000"]).io_sequential_messages, 200);
     }
 
     #[test]

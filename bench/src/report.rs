@@ -10,6 +10,7 @@ use weir::config::WeirConfig;
 
 use crate::Plan;
 use crate::database::ServerSettings;
+use crate::io::IoFigures;
 use crate::latency::LatencyFigures;
 
 /// One throughput phase: how many messages, how long.
@@ -139,6 +140,8 @@ pub struct Report {
     pub ratios: Ratios,
     /// Produce → committed latency at a fixed rate.
     pub latency: LatencyFigures,
+    /// The I/O-bound handler: key-ordered against partition-sequential.
+    pub io: IoFigures,
 }
 
 impl Report {
@@ -151,6 +154,7 @@ impl Report {
         weir: PhaseFigures,
         seed: PhaseFigures,
         latency: LatencyFigures,
+        io: IoFigures,
     ) -> Self {
         let ratios = Ratios {
             weir_to_raw: weir.msgs_per_second / raw.msgs_per_second,
@@ -167,6 +171,7 @@ impl Report {
             seed,
             ratios,
             latency,
+            io,
         }
     }
 
@@ -253,6 +258,14 @@ impl Report {
             latency.min_ms,
             latency.pacing_lag_max_ms,
             latency.warmup_seconds
+        );
+        let io = &self.io;
+        let _ = writeln!(
+            out,
+            "\nI/O-bound handler (waits {} ms in a host call; 1 partition, {} keys):\n  \
+             weir, per-key ordering (max_in_flight {}): {}\n  partition-sequential: {}\n  \
+             weir ÷ sequential = {:.1}×",
+            io.wait_ms, io.keys, io.max_in_flight, io.weir, io.sequential, io.ratio
         );
         out
     }

@@ -9,6 +9,24 @@ use super::{CommitOutcome, Completion, OutboxInsert, StoreError};
 /// A processed key: `(binding_id, message_id)`.
 pub(crate) type ProcessedKey<'a> = (&'a str, &'a str);
 
+/// Which of a batch's processed keys the commit's insert created.
+#[derive(Debug)]
+pub(crate) enum Inserted<'a> {
+    /// All of them (the common case: no message of the batch was processed before).
+    All,
+    /// Only these.
+    Only(HashSet<ProcessedKey<'a>>),
+}
+
+impl Inserted<'_> {
+    fn contains(&self, key: &ProcessedKey<'_>) -> bool {
+        match self {
+            Inserted::All => true,
+            Inserted::Only(keys) => keys.contains(key),
+        }
+    }
+}
+
 /// Where a keyed-state value lives: `(tenant, handler, key, name)`.
 type StateKey<'a> = (&'a str, &'a str, &'a [u8], &'a str);
 
@@ -29,12 +47,13 @@ pub(crate) fn validate(batch: &[Completion]) -> Result<(), StoreError> {
 /// The distinct processed keys of a batch, sorted (so that concurrent transactions take their
 /// locks in the same order).
 pub(crate) fn processed_keys(batch: &[Completion]) -> Vec<ProcessedKey<'_>> {
-    batch
+    let mut keys: Vec<ProcessedKey<'_>> = batch
         .iter()
         .map(|c| (c.binding_id.as_str(), c.message_id.as_str()))
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect()
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    keys
 }
 
 /// The DLQ entries the batch replays, as `(entry id, binding_id)`, distinct and sorted: the
@@ -84,7 +103,7 @@ pub(crate) struct Writes<'a> {
 /// every other one (inserted earlier, or repeated in the batch) is a duplicate.
 pub(crate) fn outcomes<'a>(
     batch: &'a [Completion],
-    inserted: &HashSet<(String, String)>,
+    inserted: &Inserted<'_>,
 ) -> (Vec<CommitOutcome>, Writes<'a>) {
     let mut seen: HashSet<ProcessedKey<'a>> = HashSet::with_capacity(batch.len());
     let mut outcomes = Vec::with_capacity(batch.len());
@@ -97,7 +116,7 @@ pub(crate) fn outcomes<'a>(
             completion.message_id.as_str(),
         );
         let first = seen.insert(key);
-        let new = first && inserted.contains(&(key.0.to_owned(), key.1.to_owned()));
+        let new = first && inserted.contains(&key);
         if !new {
             outcomes.push(CommitOutcome::Duplicate);
             continue;
@@ -209,10 +228,8 @@ mod tests {
         }
     }
 
-    fn inserted(ids: &[&str]) -> HashSet<(String, String)> {
-        ids.iter()
-            .map(|id| ("b".to_owned(), (*id).to_owned()))
-            .collect()
+    fn inserted<'a>(ids: &[&'a str]) -> Inserted<'a> {
+        Inserted::Only(ids.iter().map(|id| ("b", *id)).collect())
     }
 
     #[test]

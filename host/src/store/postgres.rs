@@ -1066,21 +1066,49 @@ impl Store for PgStore {
             return Ok(Vec::new());
         }
         let keys = batch::processed_keys(batch);
-        let (bindings, messages): (Vec<&str>, Vec<&str>) = keys.into_iter().unzip();
+        let (bindings, messages): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
 
+        // The common case is a batch of new messages: count what the insert created, and only
+        // if that falls short (a message processed before, after a crash or a rebalance) undo it
+        // and insert again asking which rows are new. A duplicate batch costs one more round
+        // trip; every other batch ships back one number instead of every key.
         let mut tx = self.pool.begin().await.map_err(db(OP))?;
-        let inserted: Vec<(String, String)> = sqlx::query_as(
-            "INSERT INTO processed_keys (binding_id, message_id) \
-             SELECT * FROM UNNEST($1::text[], $2::text[]) \
-             ON CONFLICT DO NOTHING \
-             RETURNING binding_id, message_id",
+        let (created,): (i64,) = sqlx::query_as(
+            "WITH created AS ( \
+                 INSERT INTO processed_keys (binding_id, message_id) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[]) \
+                 ON CONFLICT DO NOTHING RETURNING 1) \
+             SELECT count(*) FROM created",
         )
-        .bind(bindings)
-        .bind(messages)
-        .fetch_all(&mut *tx)
+        .bind(&bindings)
+        .bind(&messages)
+        .fetch_one(&mut *tx)
         .await
         .map_err(db(OP))?;
-        let inserted: HashSet<(String, String)> = inserted.into_iter().collect();
+        let returned: Vec<(String, String)>;
+        let inserted = if usize::try_from(created).is_ok_and(|n| n == keys.len()) {
+            batch::Inserted::All
+        } else {
+            tx.rollback().await.map_err(db(OP))?;
+            tx = self.pool.begin().await.map_err(db(OP))?;
+            returned = sqlx::query_as(
+                "INSERT INTO processed_keys (binding_id, message_id) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[]) \
+                 ON CONFLICT DO NOTHING \
+                 RETURNING binding_id, message_id",
+            )
+            .bind(&bindings)
+            .bind(&messages)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db(OP))?;
+            batch::Inserted::Only(
+                returned
+                    .iter()
+                    .map(|(b, m)| (b.as_str(), m.as_str()))
+                    .collect(),
+            )
+        };
         let (outcomes, writes) = batch::outcomes(batch, &inserted);
 
         let (sets, deletes): (Vec<_>, Vec<_>) =

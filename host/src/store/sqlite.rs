@@ -1150,6 +1150,12 @@ impl Store for SqliteStore {
                 .map_err(db(OP))?;
             inserted.extend(rows);
         }
+        let inserted = batch::Inserted::Only(
+            inserted
+                .iter()
+                .map(|(b, m)| (b.as_str(), m.as_str()))
+                .collect(),
+        );
         let (outcomes, writes) = batch::outcomes(batch, &inserted);
         write_state(OP, &mut tx, &writes.state).await?;
         let emitted = if writes.outbox.is_empty() {
