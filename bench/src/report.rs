@@ -145,7 +145,8 @@ pub struct Report {
 }
 
 impl Report {
-    /// Assemble the report and its ratios.
+    /// Assemble the report and its ratios (one argument per phase).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         plan: Plan,
         environment: Environment,
