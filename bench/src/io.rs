@@ -60,7 +60,11 @@ pub async fn run(
     let mut figures = Vec::new();
     for (name, ordering, messages) in [
         ("weir", Ordering::Key, plan.io_messages),
-        ("sequential", Ordering::Partition, plan.io_sequential_messages),
+        (
+            "sequential",
+            Ordering::Partition,
+            plan.io_sequential_messages,
+        ),
     ] {
         let topic = unique_name(&format!("weir_bench_io_{name}"));
         bench.admin.create_topic(&topic, 1).await?;

@@ -89,15 +89,14 @@ pub async fn run(
     plan: &Plan,
     settings: &ServerSettings,
 ) -> anyhow::Result<LatencyFigures> {
-    let deployment =
-        host::deploy(
-            config,
-            bench,
-            &format!("{}.latency", bench.tenant),
-            topic,
-            &host::noop(bench),
-        )
-        .await?;
+    let deployment = host::deploy(
+        config,
+        bench,
+        &format!("{}.latency", bench.tenant),
+        topic,
+        &host::noop(bench),
+    )
+    .await?;
     let producer = kafka::producer(&bench.kafka, &[("linger.ms", "0")])?;
     let start = Instant::now();
     let mut host = Host::start(config);

@@ -193,11 +193,9 @@ impl Plan {
             },
             io_wait_ms: args.io_wait_ms.unwrap_or(DEFAULT_IO_WAIT_MS),
             io_keys: IO_KEYS,
-            io_max_in_flight: args
-                .io_max_in_flight
-                .map_or(DEFAULT_IO_MAX_IN_FLIGHT, |n| {
-                    usize::try_from(n).unwrap_or(DEFAULT_IO_MAX_IN_FLIGHT)
-                }),
+            io_max_in_flight: args.io_max_in_flight.map_or(DEFAULT_IO_MAX_IN_FLIGHT, |n| {
+                usize::try_from(n).unwrap_or(DEFAULT_IO_MAX_IN_FLIGHT)
+            }),
             smoke,
         }
     }
@@ -419,14 +417,21 @@ mod tests {
         assert_eq!(smoke.latency_secs, SMOKE_LATENCY_SECS);
         assert_eq!(parse(&["--smoke", "--messages", "5000"]).messages, 5000);
         assert_eq!(
-            (full.io_messages, full.io_sequential_messages, full.io_wait_ms),
+            (
+                full.io_messages,
+                full.io_sequential_messages,
+                full.io_wait_ms
+            ),
             (DEFAULT_IO_MESSAGES, DEFAULT_IO_SEQUENTIAL_MESSAGES, 5)
         );
         assert_eq!(
             (smoke.io_messages, smoke.io_sequential_messages),
             (SMOKE_IO_MESSAGES, SMOKE_IO_SEQUENTIAL_MESSAGES)
         );
-        assert_eq!(parse(&["--io-messages", "4000"]).io_sequential_messages, 200);
+        assert_eq!(
+            parse(&["--io-messages", "4000"]).io_sequential_messages,
+            200
+        );
     }
 
     #[test]

@@ -122,6 +122,12 @@ const LAG_SAMPLE_EVERY_MS: &str = "5000";
 /// Batches waiting between the intake thread and the coordinator, at most.
 const INTAKE_BATCHES: usize = 4;
 
+/// Group commits a binding runs at once, each on its own store connection. Two keep the store
+/// busy while the coordinator handles the other's outcome: their batches never share a key (a
+/// key is held until its message's commit), so they neither conflict nor reorder a key's
+/// effects; offsets are stored as the commits complete, in any order.
+const COMMITS_IN_FLIGHT: usize = 2;
+
 /// Wait before running a message again after a fault of the host (not the handler): 1 s.
 const HOST_FAULT_BACKOFF: Duration = Duration::from_secs(1);
 
@@ -488,7 +494,7 @@ impl Worker {
             // Commit at once when the batch is full, or when no invocation is running that
             // could still join it (waiting out the linger would only add latency). While a
             // commit is in flight the next batch gathers; it starts when that one is done.
-            if !coordinator.committing
+            if coordinator.commits_in_flight < COMMITS_IN_FLIGHT
                 && !coordinator.batch.is_empty()
                 && coordinator.store_backoff.is_zero()
                 && (coordinator.batch.len() >= self.settings.commit_batch_max
@@ -586,7 +592,7 @@ struct Coordinator {
     /// Invocations started whose outcome has not arrived yet.
     running: usize,
     /// Whether a group commit is in flight (at most one at a time).
-    committing: bool,
+    commits_in_flight: usize,
     /// DLQ entries claimed for replay and not yet done here (so a claim that returns one again,
     /// after its lease ran out while it waited, does not queue it twice).
     replays: HashSet<i64>,
@@ -748,7 +754,7 @@ impl Coordinator {
             store_backoff: Duration::ZERO,
             generation: 0,
             running: 0,
-            committing: false,
+            commits_in_flight: 0,
             replays: HashSet::new(),
             next_claim: Instant::now() + REPLAY_CLAIM_EVERY,
             claiming: false,
@@ -775,7 +781,7 @@ impl Coordinator {
     }
 
     fn commit_deadline(&self) -> Option<Instant> {
-        if self.committing {
+        if self.commits_in_flight >= COMMITS_IN_FLIGHT {
             return None;
         }
         self.batch_started
@@ -1706,15 +1712,15 @@ impl Coordinator {
         }
     }
 
-    /// Start committing the batch in the background, unless a commit is in flight or the batch
+    /// Start committing the batch in the background, unless `COMMITS_IN_FLIGHT` are or the batch
     /// is empty. Its outcome comes back as [`Done::Committed`].
     fn start_commit(&mut self) {
-        if self.committing || self.batch.is_empty() {
+        if self.commits_in_flight >= COMMITS_IN_FLIGHT || self.batch.is_empty() {
             return;
         }
         let (slots, completions): (Vec<u64>, Vec<Completion>) = self.batch.drain(..).unzip();
         self.batch_started = None;
-        self.committing = true;
+        self.commits_in_flight += 1;
         let store = self.store.clone();
         let done = self.done_tx.clone();
         tokio::spawn(async move {
@@ -1732,7 +1738,7 @@ impl Coordinator {
     async fn flush(&mut self) {
         let mut attempts = 0;
         loop {
-            if !self.committing {
+            if self.commits_in_flight == 0 {
                 if self.batch.is_empty() || attempts >= 2 {
                     return;
                 }
@@ -1755,7 +1761,7 @@ impl Coordinator {
         completions: Vec<Completion>,
         result: Result<Vec<crate::store::CommitOutcome>, StoreError>,
     ) {
-        self.committing = false;
+        self.commits_in_flight = self.commits_in_flight.saturating_sub(1);
         match result {
             Ok(outcomes) => {
                 self.stats.commits.fetch_add(1, AtomicOrdering::Relaxed);

@@ -1073,18 +1073,17 @@ impl Store for PgStore {
         // and insert again asking which rows are new. A duplicate batch costs one more round
         // trip; every other batch ships back one number instead of every key.
         let mut tx = self.pool.begin().await.map_err(db(OP))?;
-        let (created,): (i64,) = sqlx::query_as(
-            "WITH created AS ( \
-                 INSERT INTO processed_keys (binding_id, message_id) \
-                 SELECT * FROM UNNEST($1::text[], $2::text[]) \
-                 ON CONFLICT DO NOTHING RETURNING 1) \
-             SELECT count(*) FROM created",
+        let created = sqlx::query(
+            "INSERT INTO processed_keys (binding_id, message_id) \
+             SELECT * FROM UNNEST($1::text[], $2::text[]) \
+             ON CONFLICT DO NOTHING",
         )
         .bind(&bindings)
         .bind(&messages)
-        .fetch_one(&mut *tx)
+        .execute(&mut *tx)
         .await
-        .map_err(db(OP))?;
+        .map_err(db(OP))?
+        .rows_affected();
         let returned: Vec<(String, String)>;
         let inserted = if usize::try_from(created).is_ok_and(|n| n == keys.len()) {
             batch::Inserted::All
