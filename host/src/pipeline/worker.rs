@@ -1733,7 +1733,7 @@ impl Coordinator {
         });
     }
 
-    /// Wait for the commit in flight, then commit what is left (at most two more attempts):
+    /// Wait for the commits in flight, then commit what is left (at most two more attempts):
     /// for a drain or shutdown, which must not return with committed work unacknowledged.
     async fn flush(&mut self) {
         let mut attempts = 0;
