@@ -504,6 +504,10 @@ pub struct PipelineConfig {
     pub processed_keys_retention_s: u64,
     /// Seconds between two sweeps of expired processed keys.
     pub processed_keys_sweep_every_s: u64,
+    /// Let handlers' outbound HTTP reach loopback, private, link-local and other internal
+    /// addresses. Off by default: a tenant's allowlist must not open the host's own network
+    /// (its metrics port, a cloud metadata service) to its handler.
+    pub http_allow_private_networks: bool,
 }
 
 impl Default for PipelineConfig {
@@ -515,6 +519,7 @@ impl Default for PipelineConfig {
             drain_deadline_ms: DEFAULT_DRAIN_DEADLINE.as_millis() as u64,
             processed_keys_retention_s: DEFAULT_PROCESSED_KEYS_RETENTION.as_secs(),
             processed_keys_sweep_every_s: DEFAULT_PROCESSED_KEYS_SWEEP_EVERY.as_secs(),
+            http_allow_private_networks: false,
         }
     }
 }

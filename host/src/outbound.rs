@@ -282,6 +282,7 @@ pub struct HttpGate {
     allow: Vec<AllowEntry>,
     metrics: HttpMetrics,
     breakers: Mutex<HashMap<String, Breaker>>,
+    allow_private_networks: bool,
 }
 
 impl std::fmt::Debug for HttpGate {
@@ -326,7 +327,15 @@ impl HttpGate {
             allow,
             metrics,
             breakers: Mutex::new(HashMap::new()),
+            allow_private_networks: false,
         })
+    }
+
+    /// Let requests reach loopback, private, link-local and other internal addresses (off by
+    /// default; `pipeline.http_allow_private_networks`).
+    pub fn allowing_private_networks(mut self, allow: bool) -> Self {
+        self.allow_private_networks = allow;
+        self
     }
 
     /// The policy the gate enforces.
@@ -347,23 +356,72 @@ impl HttpGate {
     }
 
     /// Send `request` if the policy allows it: refused outside the allowlist, failed fast while
-    /// the destination's breaker is open, timeouts capped, response body capped.
+    /// the destination's breaker is open, timeouts capped, response body capped; never past
+    /// `not_after` (the invocation's deadline).
     pub async fn send(
         self: Arc<Self>,
-        request: http::Request<WasiBody>,
+        mut request: http::Request<WasiBody>,
         options: Option<RequestOptions>,
+        not_after: Option<Instant>,
     ) -> Result<GateResponse, HttpError> {
         let uri = request.uri();
         let host = uri.host().unwrap_or_default().to_ascii_lowercase();
         let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-        let Some(entry) = self.allow.iter().position(|e| e.matches(&host, port)) else {
+        let with_user = uri.authority().is_some_and(|a| a.as_str().contains('@'));
+        let entry = self.allow.iter().position(|e| e.matches(&host, port));
+        let Some(entry) = entry.filter(|_| !with_user) else {
             self.metrics.denied.inc();
             tracing::warn!(binding = %self.binding, destination = %format!("{host}:{port}"), "outbound HTTP request refused: the destination is not in the binding's http.allow list");
             return Err(HttpError::HttpRequestDenied);
         };
         let metrics = &self.metrics.destinations[entry];
         let destination = format!("{host}:{port}");
+        // Resolve here, refuse internal addresses, and send plain HTTP to the address checked
+        // (a second lookup could answer differently). HTTPS keeps the name, which its
+        // certificate check needs.
+        let connect_timeout = self.policy.connect_timeout();
+        let addresses: Vec<std::net::SocketAddr> = match tokio::time::timeout(
+            connect_timeout,
+            tokio::net::lookup_host((host.as_str(), port)),
+        )
+        .await
+        {
+            Ok(Ok(found)) => found.collect(),
+            Ok(Err(_)) => {
+                metrics.failed.inc();
+                return Err(HttpError::DestinationNotFound);
+            }
+            Err(_) => {
+                metrics.timed_out.inc();
+                return Err(HttpError::DnsTimeout);
+            }
+        };
+        if !self.allow_private_networks
+            && let Some(internal) = addresses.iter().find(|a| is_internal(a.ip()))
+        {
+            self.metrics.denied.inc();
+            tracing::warn!(binding = %self.binding, %destination, address = %internal.ip(), "outbound HTTP request refused: the destination resolves to a loopback, private or link-local address (pipeline.http_allow_private_networks is off)");
+            return Err(HttpError::HttpRequestDenied);
+        }
+        let Some(address) = addresses.first().copied() else {
+            metrics.failed.inc();
+            return Err(HttpError::DestinationNotFound);
+        };
+        if !https {
+            let path = request
+                .uri()
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_owned();
+            let pinned = http::Uri::builder()
+                .scheme(http::uri::Scheme::HTTP)
+                .authority(address.to_string())
+                .path_and_query(path)
+                .build()
+                .map_err(|_| HttpError::HttpRequestUriInvalid)?;
+            *request.uri_mut() = pinned;
+        }
         let probe = match self.admit(&destination, metrics) {
             Some(probe) => probe,
             None => {
@@ -393,7 +451,10 @@ impl HttpGate {
             between_bytes_timeout: cap(options.and_then(|o| o.between_bytes_timeout), timeout),
         };
         let started = Instant::now();
-        let deadline = tokio::time::Instant::now() + timeout;
+        let mut deadline = tokio::time::Instant::now() + timeout;
+        if let Some(not_after) = not_after {
+            deadline = deadline.min(tokio::time::Instant::from_std(not_after));
+        }
         let sent = tokio::time::timeout_at(
             deadline,
             wasmtime_wasi_http::default_send_request(request, Some(options)),
@@ -494,6 +555,38 @@ impl HttpGate {
         let mut breakers = self.breakers.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(breaker) = breakers.get_mut(destination) {
             breaker.cancel(probe);
+        }
+    }
+}
+
+/// Whether `ip` is an address a tenant's handler must not reach by default: loopback,
+/// unspecified, private (RFC 1918, unique local), link-local (cloud metadata services live
+/// there), shared (CGNAT), broadcast, multicast, documentation or reserved.
+pub fn is_internal(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_documentation()
+                || a == 0
+                || a >= 240
+                || (a == 100 && (64..128).contains(&b))
+        }
+        std::net::IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_internal(std::net::IpAddr::V4(v4));
+            }
+            let first = v6.segments()[0];
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80
         }
     }
 }
@@ -601,6 +694,29 @@ mod tests {
         assert!(!entry("*.example.com").matches("example.com", 80));
         assert!(!entry("*.example.com").matches("badexample.com", 80));
         assert!(entry("API.Example.com").matches("api.example.com", 80));
+    }
+
+    #[test]
+    fn internal_addresses_are_recognised() {
+        for internal in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "100.64.0.1",
+            "255.255.255.255",
+            "::1",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+        ] {
+            assert!(is_internal(internal.parse().unwrap()), "{internal}");
+        }
+        for public in ["93.184.216.34", "8.8.8.8", "2606:4700::1111"] {
+            assert!(!is_internal(public.parse().unwrap()), "{public}");
+        }
     }
 
     #[test]

@@ -326,15 +326,16 @@ pub fn send(request: Request) -> Result<Response, HttpError> {
     // Send first, then stream the body: the host reads it while it writes the request.
     let pending = outgoing_handler::handle(outgoing, options)
         .map_err(|code| HttpError::from_code(&url, code))?;
-    if !request.body.is_empty() {
-        let stream = body.write().map_err(|()| invalid("body"))?;
-        for chunk in request.body.chunks(WRITE_CHUNK) {
-            stream.blocking_write_and_flush(chunk).map_err(|e| {
-                HttpError::Other(format!("request to {url}: cannot write the body: {e:?}"))
-            })?;
+    // A request the host refused (or that failed) stops taking its body: the write fails, and
+    // the reason is the request's own error, read below.
+    let written = write_body(&url, &body, &request.body);
+    let sent = match written {
+        Ok(()) => OutgoingBody::finish(body, None).map_err(|code| HttpError::from_code(&url, code)),
+        Err(e) => {
+            drop(body);
+            Err(e)
         }
-    }
-    OutgoingBody::finish(body, None).map_err(|code| HttpError::from_code(&url, code))?;
+    };
     pending.subscribe().block();
     let incoming = match pending.get() {
         Some(Ok(Ok(response))) => response,
@@ -345,6 +346,7 @@ pub fn send(request: Request) -> Result<Response, HttpError> {
             )));
         }
     };
+    sent?;
     let status = incoming.status();
     let headers = incoming
         .headers()
@@ -362,6 +364,21 @@ pub fn send(request: Request) -> Result<Response, HttpError> {
         headers,
         body: bytes,
     })
+}
+
+fn write_body(url: &str, body: &OutgoingBody, bytes: &[u8]) -> Result<(), HttpError> {
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    let stream = body
+        .write()
+        .map_err(|()| HttpError::InvalidRequest(format!("request to {url}: invalid body")))?;
+    for chunk in bytes.chunks(WRITE_CHUNK) {
+        stream.blocking_write_and_flush(chunk).map_err(|e| {
+            HttpError::Other(format!("request to {url}: cannot write the body: {e:?}"))
+        })?;
+    }
+    Ok(())
 }
 
 fn read_body(url: &str, body: &IncomingBody) -> Result<Vec<u8>, HttpError> {

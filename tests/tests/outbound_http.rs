@@ -117,9 +117,14 @@ fn context(url: &str, gate: Option<Arc<HttpGate>>) -> InvocationContext {
     }
 }
 
+/// A gate that may reach the test's service on loopback.
 fn gate(metrics: &Metrics, binding: &str, policy: HttpPolicy) -> Arc<HttpGate> {
     let handles = metrics.http(binding, &policy.allow);
-    Arc::new(HttpGate::new(binding, policy, handles).unwrap())
+    Arc::new(
+        HttpGate::new(binding, policy, handles)
+            .unwrap()
+            .allowing_private_networks(true),
+    )
 }
 
 /// The handler's error, or a panic naming what it did instead.
@@ -178,6 +183,24 @@ async fn the_gate_refuses_caps_times_out_and_breaks_per_destination() {
     assert!(message.contains("denied"), "{message}");
     assert!(message.contains("http.allow"), "{message}");
     assert_eq!(requests(), 1, "a refused request reached the service");
+    // Allowed by name but internal: refused unless the operator allows private networks.
+    let guarded = {
+        let policy = HttpPolicy::allowing([allowed.clone()]);
+        let handles = metrics.http("b.internal", &policy.allow);
+        Arc::new(HttpGate::new("b.internal", policy, handles).unwrap())
+    };
+    let internal = pool
+        .invoke(&order(2, "c-2"), &context(&url, Some(guarded)))
+        .await
+        .unwrap();
+    let (kind, message) = error(&internal);
+    assert_eq!(kind, ErrorKind::Permanent);
+    assert!(message.contains("denied"), "{message}");
+    assert_eq!(
+        requests(),
+        1,
+        "a request to an internal address reached the service"
+    );
     // A binding without `http` does not link `wasi:http` at all.
     let unlinked = HandlerPool::new(component.clone(), 4)
         .invoke(&order(3, "c-3"), &context(&url, None))
@@ -227,6 +250,36 @@ async fn the_gate_refuses_caps_times_out_and_breaks_per_destination() {
     assert!(message.contains("timed out"), "{message}");
     assert!(took < Duration::from_secs(3), "the timeout took {took:?}");
     println!("slow service: timed out after {took:?} (timeout_ms 300)");
+    // The invocation's own deadline (400 ms) bounds a request whose timeout is longer.
+    let patient_gate = gate(
+        &metrics,
+        "b.patient",
+        HttpPolicy::allowing([allowed.clone()]),
+    );
+    let mut short = context(&url, Some(patient_gate));
+    short.deadline = Some(Duration::from_millis(400));
+    let started = Instant::now();
+    let cut = pool.invoke(&order(5, "c-5"), &short).await.unwrap();
+    let took = started.elapsed();
+    assert!(
+        matches!(
+            &cut.outcome,
+            Outcome::HandlerError {
+                kind: ErrorKind::Retryable,
+                ..
+            } | Outcome::Trap {
+                kind: weir::runtime::TrapKind::Deadline,
+                ..
+            }
+        ),
+        "{:?}",
+        cut.outcome
+    );
+    assert!(took < Duration::from_secs(2), "the deadline took {took:?}");
+    println!(
+        "slow service under a 400 ms deadline: {:?} after {took:?}",
+        cut.outcome
+    );
 
     // Too large, declared and streamed: permanent.
     let big_gate = gate(&metrics, "b.big", HttpPolicy::allowing([allowed.clone()]));
@@ -310,6 +363,7 @@ async fn the_gate_refuses_caps_times_out_and_breaks_per_destination() {
         )
     };
     assert_eq!(count("b.elsewhere", "denied"), 1.0);
+    assert_eq!(count("b.internal", "denied"), 1.0);
     assert_eq!(count("b.breaks", "breaker_open"), 5.0);
     assert_eq!(count("b.breaks", "server_error"), 3.0);
     assert_eq!(count("b.breaks", "answered"), 7.0);
@@ -417,7 +471,10 @@ async fn enrichment_survives_a_service_outage_exactly_once() {
         handler: HandlerSlot::new(handler, Some(version.version)),
         store: store.clone(),
         kafka,
-        settings: WorkerSettings::default(),
+        settings: WorkerSettings {
+            http_allow_private_networks: true,
+            ..WorkerSettings::default()
+        },
         stats: stats.clone(),
         pause: PauseSwitch::default(),
         metrics: Some(metrics.clone()),

@@ -129,6 +129,8 @@ fn execute(args: DevArgs) -> Result<(), Failure> {
     config.kafka.bootstrap_servers.clone_from(&bootstrap);
     config.server.listen = args.listen;
     config.pipeline.reconcile_every_ms = 500;
+    // Everything runs on this machine: handlers may call services on it.
+    config.pipeline.http_allow_private_networks = true;
     let (admin_token, admin_from_env) = admin_token()?;
     config.server.admin_token = Some(Secret::new(admin_token.clone()));
     config

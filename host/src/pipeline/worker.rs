@@ -122,10 +122,13 @@ const LAG_SAMPLE_EVERY_MS: &str = "5000";
 /// Batches waiting between the intake thread and the coordinator, at most.
 const INTAKE_BATCHES: usize = 4;
 
-/// Group commits a binding runs at once, each on its own store connection. Two keep the store
-/// busy while the coordinator handles the other's outcome: their batches never share a key (a
-/// key is held until its message's commit), so they neither conflict nor reorder a key's
-/// effects; offsets are stored as the commits complete, in any order.
+/// Group commits a binding with per-key ordering on one topic runs at once, each on its own
+/// store connection: two keep the store busy while the coordinator handles the other's outcome.
+/// A key is held until its message's commit, so the two batches share no key (unless a producer
+/// spread one key over several partitions, or a DLQ replay runs beside a live message of its
+/// key: then PostgreSQL may report a deadlock between them, and the failed batch is retried
+/// after its backoff; its effects still commit once). Offsets are stored as the commits
+/// complete, in any order. Other bindings run one commit at a time.
 const COMMITS_IN_FLIGHT: usize = 2;
 
 /// Wait before running a message again after a fault of the host (not the handler): 1 s.
@@ -162,6 +165,8 @@ pub struct WorkerSettings {
     pub drain_deadline: Duration,
     /// Messages received but not yet done, at most (backpressure on intake).
     pub max_pending: usize,
+    /// Outbound HTTP may reach internal addresses (`pipeline.http_allow_private_networks`).
+    pub http_allow_private_networks: bool,
 }
 
 /// Messages received but not yet done, per binding, by default.
@@ -180,6 +185,7 @@ impl From<&PipelineConfig> for WorkerSettings {
             commit_linger: config.commit_linger(),
             drain_deadline: config.drain_deadline(),
             max_pending: DEFAULT_MAX_PENDING,
+            http_allow_private_networks: config.http_allow_private_networks,
         }
     }
 }
@@ -323,6 +329,8 @@ enum Done {
     Success(u64, Completion),
     /// A group commit finished: the slots and completions it carried, and how it went.
     Committed {
+        /// The commit's number, in start order.
+        seq: u64,
         slots: Vec<u64>,
         completions: Vec<Completion>,
         result: Result<Vec<crate::store::CommitOutcome>, StoreError>,
@@ -494,7 +502,7 @@ impl Worker {
             // Commit at once when the batch is full, or when no invocation is running that
             // could still join it (waiting out the linger would only add latency). While a
             // commit is in flight the next batch gathers; it starts when that one is done.
-            if coordinator.commits_in_flight < COMMITS_IN_FLIGHT
+            if coordinator.commits_in_flight < coordinator.commit_limit()
                 && !coordinator.batch.is_empty()
                 && coordinator.store_backoff.is_zero()
                 && (coordinator.batch.len() >= self.settings.commit_batch_max
@@ -593,6 +601,11 @@ struct Coordinator {
     running: usize,
     /// Whether a group commit is in flight (at most one at a time).
     commits_in_flight: usize,
+    /// Commits started so far (numbers them).
+    commit_seq: u64,
+    /// When a commit last failed, the number of the last commit started by then; cleared when
+    /// a commit started after the failure succeeds.
+    failed_commit: Option<u64>,
     /// DLQ entries claimed for replay and not yet done here (so a claim that returns one again,
     /// after its lease ran out while it waited, does not queue it twice).
     replays: HashSet<i64>,
@@ -644,7 +657,8 @@ fn log_handler_lines(invocation: &Invocation) {
             LogSource::Stderr => "stderr",
         };
         let fields = FieldsText(&line.fields);
-        let text = line.message.as_str();
+        // Control characters escaped: a handler must not be able to forge host log lines.
+        let text = Escaped(&line.message);
         match line.level {
             LogLevel::Trace => {
                 tracing::trace!(target: "weir::handler", source, fields = %fields, "{text}")
@@ -677,7 +691,24 @@ impl std::fmt::Display for FieldsText<'_> {
             if i > 0 {
                 f.write_str(" ")?;
             }
-            write!(f, "{name}={value:?}")?;
+            write!(f, "{}={value:?}", Escaped(name))?;
+        }
+        Ok(())
+    }
+}
+
+/// Text with its control characters (newlines included) escaped.
+struct Escaped<'a>(&'a str);
+
+impl std::fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write as _;
+        for c in self.0.chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                f.write_char(c)?;
+            }
         }
         Ok(())
     }
@@ -689,6 +720,7 @@ fn http_gate(
     binding: &str,
     spec: &BindingSpec,
     metrics: Option<&Metrics>,
+    allow_private_networks: bool,
 ) -> Option<Arc<HttpGate>> {
     let policy = spec.http.as_ref()?;
     let detached;
@@ -701,7 +733,9 @@ fn http_gate(
     };
     let handles = metrics.http(binding, &policy.allow);
     match HttpGate::new(binding, policy.clone(), handles) {
-        Ok(gate) => Some(Arc::new(gate)),
+        Ok(gate) => Some(Arc::new(
+            gate.allowing_private_networks(allow_private_networks),
+        )),
         Err(e) => {
             tracing::error!(%binding, error = %e, "outbound HTTP policy refused; every request of the handler will be denied");
             None
@@ -725,7 +759,12 @@ impl Coordinator {
             // Replaced per invocation by a fresh `StoreState` (see `spawn_invocation`).
             state: Arc::new(crate::runtime::MemoryState::new()),
             deadline: spec.deadline_ms.map(Duration::from_millis),
-            http: http_gate(&worker.binding_id, &spec, worker.metrics.as_deref()),
+            http: http_gate(
+                &worker.binding_id,
+                &spec,
+                worker.metrics.as_deref(),
+                worker.settings.http_allow_private_networks,
+            ),
         };
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         Self {
@@ -755,6 +794,8 @@ impl Coordinator {
             generation: 0,
             running: 0,
             commits_in_flight: 0,
+            commit_seq: 0,
+            failed_commit: None,
             replays: HashSet::new(),
             next_claim: Instant::now() + REPLAY_CLAIM_EVERY,
             claiming: false,
@@ -776,12 +817,21 @@ impl Coordinator {
         }
     }
 
+    /// Group commits this binding may run at once (see [`COMMITS_IN_FLIGHT`]).
+    fn commit_limit(&self) -> usize {
+        if self.spec.ordering == super::dispatch::Ordering::Key && self.topics.len() == 1 {
+            COMMITS_IN_FLIGHT
+        } else {
+            1
+        }
+    }
+
     fn has_room(&self) -> bool {
         self.draining.is_none() && self.scheduler.len() < self.settings.max_pending
     }
 
     fn commit_deadline(&self) -> Option<Instant> {
-        if self.commits_in_flight >= COMMITS_IN_FLIGHT {
+        if self.commits_in_flight >= self.commit_limit() {
             return None;
         }
         self.batch_started
@@ -1484,10 +1534,11 @@ impl Coordinator {
                 self.batch.push((slot, completion));
             }
             Done::Committed {
+                seq,
                 slots,
                 completions,
                 result,
-            } => self.on_committed(slots, completions, result),
+            } => self.on_committed(seq, slots, completions, result),
             Done::Rerun { slot, next_attempt } => {
                 if next_attempt && let Some(ticket) = self.tickets.get_mut(&slot) {
                     let pending = ticket.message_mut();
@@ -1712,20 +1763,23 @@ impl Coordinator {
         }
     }
 
-    /// Start committing the batch in the background, unless `COMMITS_IN_FLIGHT` are or the batch
+    /// Start committing the batch in the background, unless `commit_limit` commits are or the batch
     /// is empty. Its outcome comes back as [`Done::Committed`].
     fn start_commit(&mut self) {
-        if self.commits_in_flight >= COMMITS_IN_FLIGHT || self.batch.is_empty() {
+        if self.commits_in_flight >= self.commit_limit() || self.batch.is_empty() {
             return;
         }
         let (slots, completions): (Vec<u64>, Vec<Completion>) = self.batch.drain(..).unzip();
         self.batch_started = None;
         self.commits_in_flight += 1;
+        self.commit_seq += 1;
+        let seq = self.commit_seq;
         let store = self.store.clone();
         let done = self.done_tx.clone();
         tokio::spawn(async move {
             let result = store.commit(&completions).await;
             let _ = done.send(Done::Committed {
+                seq,
                 slots,
                 completions,
                 result,
@@ -1757,6 +1811,7 @@ impl Coordinator {
     /// gathered meanwhile, and back off.
     fn on_committed(
         &mut self,
+        seq: u64,
         slots: Vec<u64>,
         completions: Vec<Completion>,
         result: Result<Vec<crate::store::CommitOutcome>, StoreError>,
@@ -1765,10 +1820,15 @@ impl Coordinator {
         match result {
             Ok(outcomes) => {
                 self.stats.commits.fetch_add(1, AtomicOrdering::Relaxed);
-                self.stats
-                    .store_unavailable
-                    .store(false, AtomicOrdering::Relaxed);
-                self.store_backoff = Duration::ZERO;
+                // Only a commit started after the last failure says the store is back: one
+                // that was already in flight must not cut the failed batch's backoff short.
+                if self.failed_commit.is_none_or(|failed| seq > failed) {
+                    self.failed_commit = None;
+                    self.stats
+                        .store_unavailable
+                        .store(false, AtomicOrdering::Relaxed);
+                    self.store_backoff = Duration::ZERO;
+                }
                 let replayed = completions.iter().filter(|c| c.replay_of.is_some()).count();
                 self.stats
                     .replayed
@@ -1796,6 +1856,8 @@ impl Coordinator {
             }
             Err(e) => {
                 // The host's fault: keep the batch, stop dispatching, retry after a backoff.
+                // Commits numbered up to here started before this failure was known.
+                self.failed_commit = Some(self.commit_seq);
                 self.stats
                     .store_unavailable
                     .store(true, AtomicOrdering::Relaxed);

@@ -91,7 +91,10 @@ impl HostState {
         Self {
             wasi,
             http: WasiHttpCtx::new(),
-            http_hooks: HttpHooks { gate: None },
+            http_hooks: HttpHooks {
+                gate: None,
+                deadline: None,
+            },
             table: ResourceTable::new(),
             limits,
             stdout,
@@ -110,6 +113,7 @@ impl HostState {
     /// Prepare for an invocation of `key` under `context`.
     pub(crate) fn begin(&mut self, key: Option<Vec<u8>>, context: InvocationContext) {
         self.http_hooks.gate = context.http.clone();
+        self.http_hooks.deadline = None;
         self.call = CallState {
             key,
             context: Some(context),
@@ -117,6 +121,11 @@ impl HostState {
         };
         self.stdout.clear();
         self.stderr.clear();
+    }
+
+    /// No outbound request of this invocation may outlive `deadline`.
+    pub(crate) fn set_http_deadline(&mut self, deadline: Instant) {
+        self.http_hooks.deadline = Some(deadline);
     }
 
     /// End the invocation: take what it recorded, turning guest output into log lines.
@@ -221,6 +230,8 @@ impl WasiHttpView for HostState {
 /// invocation is running).
 struct HttpHooks {
     gate: Option<Arc<HttpGate>>,
+    /// The invocation's deadline: no request outlives it.
+    deadline: Option<Instant>,
 }
 
 impl WasiHttpHooks for HttpHooks {
@@ -241,7 +252,7 @@ impl WasiHttpHooks for HttpHooks {
             > + Send,
     > {
         match self.gate.clone() {
-            Some(gate) => Box::new(gate.send(request, options)),
+            Some(gate) => Box::new(gate.send(request, options, self.deadline)),
             None => Box::new(std::future::ready(Err(HttpError::HttpRequestDenied))),
         }
     }

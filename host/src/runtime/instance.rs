@@ -184,9 +184,21 @@ impl HandlerInstance {
             let data = self.store.data_mut();
             data.begin(message.key.clone(), context.clone());
             data.deadline = started + deadline;
+            data.set_http_deadline(started + deadline);
         }
         self.store.set_epoch_deadline(1);
-        let result = self.bindings.call_handle(&mut self.store, message).await;
+        // The epoch interrupts a guest that computes; one that waits in a host call (outbound
+        // HTTP, a clock) is cut off here, a little after the epoch would have fired.
+        let grace = self.store.data().config().epoch_tick() * 2;
+        let result = match tokio::time::timeout(
+            deadline + grace,
+            self.bindings.call_handle(&mut self.store, message),
+        )
+        .await
+        {
+            Ok(result) => result,
+            Err(_) => Err(wasmtime::Error::from(Trap::Interrupt)),
+        };
         let duration = started.elapsed();
         let call = self.store.data_mut().finish();
         let outcome = match result {
