@@ -527,7 +527,7 @@ impl HttpGate {
             .entry(destination.to_owned())
             .or_insert_with(|| Breaker::new(self.policy.breaker));
         let admission = breaker.admit(Instant::now());
-        metrics.breaker_state.set(state_value(breaker));
+        metrics.breaker_state.set(breaker.state().gauge_value());
         match admission {
             Admission::Run => Some(None),
             Admission::Probe(token) => Some(Some(token)),
@@ -547,7 +547,7 @@ impl HttpGate {
             if let Some(transition) = breaker.record(outcome, probe, Instant::now()) {
                 tracing::info!(binding = %self.binding, %destination, ?transition, "outbound HTTP breaker of a destination changed state");
             }
-            metrics.breaker_state.set(state_value(breaker));
+            metrics.breaker_state.set(breaker.state().gauge_value());
         }
     }
 
@@ -588,14 +588,6 @@ pub fn is_internal(ip: std::net::IpAddr) -> bool {
                 || (first & 0xfe00) == 0xfc00
                 || (first & 0xffc0) == 0xfe80
         }
-    }
-}
-
-fn state_value(breaker: &Breaker) -> i64 {
-    match breaker.state() {
-        crate::pipeline::breaker::BreakerState::Closed => 0,
-        crate::pipeline::breaker::BreakerState::HalfOpen => 1,
-        crate::pipeline::breaker::BreakerState::Open => 2,
     }
 }
 

@@ -189,6 +189,29 @@ pub fn metric_value(text: &str, name: &str, labels: &[&str]) -> f64 {
         .sum()
 }
 
+/// Create `topic` with `partitions` (replication 1) on the broker at `kafka`; panics if the
+/// broker refuses (a test's set-up).
+#[allow(clippy::unwrap_used)]
+pub async fn create_topic(kafka: &str, topic: &str, partitions: i32) {
+    use rdkafka::ClientConfig;
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", kafka)
+        .create()
+        .unwrap();
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    for result in results {
+        result.unwrap();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

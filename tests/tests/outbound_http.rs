@@ -25,8 +25,6 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
 use sqlx::Row;
@@ -39,7 +37,7 @@ use weir::runtime::{
     Runtime, RuntimeConfig,
 };
 use weir::store::Quota;
-use weir_acceptance::{component, metric_value, services, unique_name};
+use weir_acceptance::{component, create_topic, metric_value, services, unique_name};
 
 /// How the customer service answers.
 const HEALTHY: u8 = 0;
@@ -381,23 +379,6 @@ async fn the_gate_refuses_caps_times_out_and_breaks_per_destination() {
         ),
         0.0
     );
-}
-
-async fn create_topic(kafka: &str, topic: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", kafka)
-        .create()
-        .unwrap();
-    for result in admin
-        .create_topics(
-            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
-            &AdminOptions::new(),
-        )
-        .await
-        .unwrap()
-    {
-        result.unwrap();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,8 +10,6 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::message::{Header as KafkaHeader, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::Row;
@@ -19,28 +17,11 @@ use weir::pipeline::worker::{Worker, WorkerSettings, WorkerStats, emitted_id};
 use weir::pipeline::{BindingSpec, HandlerSlot, PauseSwitch};
 use weir::runtime::{HandlerPool, Runtime, RuntimeConfig};
 use weir::store::{DlqErrorKind, DlqFilter, Store};
-use weir_acceptance::{component, services, unique_name};
+use weir_acceptance::{component, create_topic, services, unique_name};
 
 const MESSAGES: usize = 1_000;
 const KEYS: usize = 40;
 const POISON: usize = 10;
-
-async fn create_topic(kafka: &str, topic: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", kafka)
-        .create()
-        .unwrap();
-    let results = admin
-        .create_topics(
-            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
-            &AdminOptions::new(),
-        )
-        .await
-        .unwrap();
-    for result in results {
-        result.unwrap();
-    }
-}
 
 /// A worker for `binding_id` on the test broker, with default settings.
 fn new_worker(

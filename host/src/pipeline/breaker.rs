@@ -129,6 +129,16 @@ pub enum BreakerState {
 }
 
 impl BreakerState {
+    /// The value of the state's gauges (`weir_breaker_state`, `weir_http_breaker_state`):
+    /// 0 closed, 1 half-open, 2 open.
+    pub fn gauge_value(self) -> i64 {
+        match self {
+            BreakerState::Closed => 0,
+            BreakerState::HalfOpen => 1,
+            BreakerState::Open => 2,
+        }
+    }
+
     /// The name used in the store and the API.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -1210,11 +1210,9 @@ impl Coordinator {
         let Some(transition) = transition else {
             return;
         };
-        self.metrics.breaker_state.set(match self.breaker.state() {
-            BreakerState::Closed => 0,
-            BreakerState::HalfOpen => 1,
-            BreakerState::Open => 2,
-        });
+        self.metrics
+            .breaker_state
+            .set(self.breaker.state().gauge_value());
         let stats = &self.stats;
         match transition {
             Transition::Opened | Transition::ForcedOpen => {
