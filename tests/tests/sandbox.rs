@@ -82,6 +82,64 @@ async fn busy_loop_traps_within_its_deadline_plus_one_tick() {
     still_serves(&runtime).await;
 }
 
+/// A state store that never answers, and says when a read it was waiting on was abandoned.
+struct SilentStore(Arc<std::sync::atomic::AtomicBool>);
+
+struct Abandoned(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl weir::runtime::StateSource for SilentStore {
+    fn get<'a>(
+        &'a self,
+        _key: &'a [u8],
+        _name: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<Option<Vec<u8>>, String>> {
+        let abandoned = Abandoned(self.0.clone());
+        Box::pin(async move {
+            let _abandoned = abandoned;
+            std::future::pending().await
+        })
+    }
+}
+
+/// A guest waiting on a state read the store never answers (a database down, the pool waiting
+/// for a connection) is cut off at its deadline, and the read is abandoned there — dropped,
+/// which is how the pipeline learns that the deadline was the host's fault, not the handler's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_read_never_answered_is_cut_off_at_the_deadline() {
+    let runtime = Runtime::new(RuntimeConfig {
+        deadline_ms: 300,
+        epoch_tick_ms: 10,
+        ..config()
+    })
+    .unwrap();
+    let orders = load(&runtime, "weir_handler_orders");
+    let abandoned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ctx = InvocationContext {
+        state: Arc::new(SilentStore(abandoned.clone())),
+        ..context(&[])
+    };
+    let started = Instant::now();
+    let inv = run(&orders, &message(Some("c-42"), ORDER), &ctx).await;
+    let took = started.elapsed();
+    assert_trap(&inv, TrapKind::Deadline);
+    eprintln!("a state read never answered: cut off after {took:?} (deadline 300 ms)");
+    assert!(
+        took < Duration::from_secs(2),
+        "the invocation waited past its deadline: {took:?}"
+    );
+    assert!(
+        abandoned.load(std::sync::atomic::Ordering::SeqCst),
+        "the unanswered read was not abandoned at the deadline"
+    );
+    still_serves(&runtime).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busy_loop_does_not_starve_other_tasks() {
     let runtime = Runtime::new(RuntimeConfig {

@@ -361,7 +361,11 @@ enum Done {
 }
 
 /// Reads keyed state from the store, for one invocation, remembering whether a read failed (a
-/// handler that then fails failed because of the host).
+/// handler that then fails failed because of the host). A read the invocation's deadline cut
+/// off — its future dropped while the store had not answered, as when the database is down and
+/// the pool waits for a connection longer than the deadline — counts as failed too: the
+/// handler was waiting for the host, so its deadline trap is the host's fault, not a failure
+/// that spends an attempt or counts towards the breaker.
 struct StoreState {
     store: Arc<dyn Store>,
     /// (tenant, handler), shared by every invocation of the binding.
@@ -376,14 +380,34 @@ impl StateSource for StoreState {
         name: &'a str,
     ) -> BoxFuture<'a, Result<Option<Vec<u8>>, String>> {
         Box::pin(async move {
-            self.store
+            let unanswered = FailUnlessAnswered(Some(&self.failed));
+            let read = self
+                .store
                 .state_get(&self.owner.0, &self.owner.1, key, name)
-                .await
-                .map_err(|e| {
-                    self.failed.store(true, AtomicOrdering::Relaxed);
-                    e.to_string()
-                })
+                .await;
+            unanswered.answered();
+            read.map_err(|e| {
+                self.failed.store(true, AtomicOrdering::Relaxed);
+                e.to_string()
+            })
         })
+    }
+}
+
+/// Sets its flag when dropped before [`Self::answered`]: a store read abandoned half-way.
+struct FailUnlessAnswered<'a>(Option<&'a AtomicBool>);
+
+impl FailUnlessAnswered<'_> {
+    fn answered(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for FailUnlessAnswered<'_> {
+    fn drop(&mut self) {
+        if let Some(flag) = self.0 {
+            flag.store(true, AtomicOrdering::Relaxed);
+        }
     }
 }
 
@@ -1922,5 +1946,31 @@ impl Coordinator {
         {
             tracing::debug!(error = %e, "storing offsets");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A read abandoned half-way (its future dropped, as the invocation's deadline does) marks
+    /// the invocation's state as failed; an answered read does not.
+    #[tokio::test]
+    async fn an_abandoned_store_read_counts_as_failed() {
+        let failed = AtomicBool::new(false);
+        let read = async {
+            let unanswered = FailUnlessAnswered(Some(&failed));
+            std::future::pending::<()>().await;
+            unanswered.answered();
+        };
+        let cut = tokio::time::timeout(Duration::from_millis(10), read).await;
+        assert!(cut.is_err());
+        assert!(failed.load(AtomicOrdering::Relaxed));
+
+        let answered = AtomicBool::new(false);
+        let unanswered = FailUnlessAnswered(Some(&answered));
+        tokio::task::yield_now().await;
+        unanswered.answered();
+        assert!(!answered.load(AtomicOrdering::Relaxed));
     }
 }

@@ -190,14 +190,15 @@ impl HandlerInstance {
         // The epoch interrupts a guest that computes; one that waits in a host call (outbound
         // HTTP, a clock) is cut off here, a little after the epoch would have fired.
         let grace = self.store.data().config().epoch_tick() * 2;
-        let result = match tokio::time::timeout(
-            deadline + grace,
-            self.bindings.call_handle(&mut self.store, message),
-        )
+        let result = match (CutOff {
+            call: std::pin::pin!(self.bindings.call_handle(&mut self.store, message)),
+            at: started + deadline + grace,
+            timer: None,
+        })
         .await
         {
-            Ok(result) => result,
-            Err(_) => Err(wasmtime::Error::from(Trap::Interrupt)),
+            Some(result) => result,
+            None => Err(wasmtime::Error::from(Trap::Interrupt)),
         };
         let duration = started.elapsed();
         let call = self.store.data_mut().finish();
@@ -238,6 +239,39 @@ impl HandlerInstance {
             logs: call.logs,
             logs_dropped: call.logs_dropped,
             duration,
+        }
+    }
+}
+
+/// A guest call cut off at `at` (`None` then). The timer is armed only when the call first
+/// waits (a guest in a host call that waits on I/O): a call that computes and returns in one
+/// poll — most handlers — registers no timer at all, which is a good part of an invocation's
+/// cost.
+struct CutOff<F> {
+    call: F,
+    at: Instant,
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<F: std::future::Future + Unpin> std::future::Future for CutOff<F> {
+    type Output = Option<F::Output>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        use std::task::Poll;
+        let this = &mut *self;
+        if let Poll::Ready(output) = std::pin::Pin::new(&mut this.call).poll(cx) {
+            return Poll::Ready(Some(output));
+        }
+        let at = this.at;
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at.into())));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
         }
     }
 }
