@@ -276,7 +276,7 @@ fn fill_blocking(bootstrap: &str, topic: &str, plan: &Plan) -> anyhow::Result<Fi
 
 /// Settings of a consumer in `group`, reading from the earliest offset, committing nothing by
 /// itself.
-fn consumer_config(bootstrap: &str, group: &str) -> ClientConfig {
+pub fn consumer_config(bootstrap: &str, group: &str) -> ClientConfig {
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", bootstrap)

@@ -18,14 +18,23 @@
 //! group-commit transaction — its *start* — so the figures are short by the time the
 //! transaction took. The report names the signal used.
 //!
-//! Owns the paced producer and the percentiles; the host and the queries are borrowed from
-//! `host.rs` and `database.rs`.
+//! Side by side, a bare librdkafka consumer in a group of its own reads the same topic while
+//! Weir does, and records when each measured message reached it: produce → consumed, the part
+//! of the latency that is the broker's, the client's and the machine's before Weir does
+//! anything. Both are measured on the same messages under the same load.
+//!
+//! Owns the paced producer, the raw consumer's clock and the percentiles; the host and the
+//! queries are borrowed from `host.rs` and `database.rs`.
 
 use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::ClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext, Rebalance};
+use rdkafka::message::{Header, Headers as _, Message as _, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
 use serde::Serialize;
 use weir::config::WeirConfig;
@@ -69,14 +78,50 @@ pub struct LatencyFigures {
     pub p99_ms: f64,
     /// Largest.
     pub max_ms: f64,
+    /// The same messages, produce → received by a bare librdkafka consumer reading beside Weir.
+    pub raw: Percentiles,
+}
+
+/// Latency percentiles, milliseconds.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Percentiles {
+    /// Median.
+    pub p50_ms: f64,
+    /// 95th percentile.
+    pub p95_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// Largest.
+    pub max_ms: f64,
+}
+
+impl Percentiles {
+    /// Of `sorted` latencies in microseconds.
+    fn of(sorted: &[i64]) -> Self {
+        let ms = |q: f64| percentile(sorted, q).map_or(f64::NAN, |us| us as f64 / 1000.0);
+        Self {
+            p50_ms: ms(0.50),
+            p95_ms: ms(0.95),
+            p99_ms: ms(0.99),
+            max_ms: ms(1.0),
+        }
+    }
 }
 
 impl fmt::Display for LatencyFigures {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} messages at {} msg/s: p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-            self.messages, self.offered_rate, self.p50_ms, self.p95_ms, self.p99_ms, self.max_ms
+            "{} messages at {} msg/s: p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms, max {:.1} ms \
+             (raw consumer: p50 {:.1} ms, p99 {:.1} ms)",
+            self.messages,
+            self.offered_rate,
+            self.p50_ms,
+            self.p95_ms,
+            self.p99_ms,
+            self.max_ms,
+            self.raw.p50_ms,
+            self.raw.p99_ms
         )
     }
 }
@@ -98,6 +143,7 @@ pub async fn run(
     )
     .await?;
     let producer = kafka::producer(&bench.kafka, &[("linger.ms", "0")])?;
+    let raw = RawClock::start(&bench.kafka, topic, plan.rate * plan.latency_secs)?;
     let start = Instant::now();
     let mut host = Host::start(config);
     let measured = measure(
@@ -109,6 +155,7 @@ pub async fn run(
         plan,
         settings,
         start,
+        raw,
     )
     .await;
     let stopped = host.stop().await;
@@ -129,6 +176,7 @@ async fn measure(
     plan: &Plan,
     settings: &ServerSettings,
     start: Instant,
+    raw: RawClock,
 ) -> anyhow::Result<LatencyFigures> {
     // Warm up: one message per partition per round, until a round has gone through.
     let mut warm = false;
@@ -171,6 +219,9 @@ async fn measure(
         }
         round += 1;
     }
+    // The raw consumer must hold its partitions before the load starts, or its figures
+    // would include the group's join.
+    raw.wait_assigned(STALL_TIMEOUT).await?;
     let warmup_seconds = start.elapsed().as_secs_f64();
     let warmups = (round * plan.partitions) as u64;
 
@@ -209,6 +260,7 @@ async fn measure(
         latencies.push(committed_us - sent_us);
     }
     latencies.sort_unstable();
+    let raw = raw.finish().await?;
     let ms = |q: f64| percentile(&latencies, q).map_or(f64::NAN, |us| us as f64 / 1000.0);
     Ok(LatencyFigures {
         offered_rate: plan.rate,
@@ -226,7 +278,107 @@ async fn measure(
         p95_ms: ms(0.95),
         p99_ms: ms(0.99),
         max_ms: ms(1.0),
+        raw,
     })
+}
+
+/// The bare consumer reading the latency topic beside Weir, on a thread of its own.
+struct RawClock {
+    assigned: Arc<AtomicBool>,
+    thread: tokio::task::JoinHandle<anyhow::Result<Vec<i64>>>,
+}
+
+impl RawClock {
+    /// Subscribe a consumer in a fresh group to `topic`; it runs until it has received
+    /// `measured` measured messages (or stalls).
+    fn start(bootstrap: &str, topic: &str, measured: u64) -> anyhow::Result<Self> {
+        let consumer: BaseConsumer<RawContext> = kafka::consumer_config(
+            bootstrap,
+            &weir_acceptance::unique_name("weir_bench_latency_raw"),
+        )
+        .set("fetch.wait.max.ms", "100")
+        .create_with_context(RawContext::default())
+        .with_context(|| format!("cannot create a Kafka consumer for {bootstrap}"))?;
+        consumer
+            .subscribe(&[topic])
+            .with_context(|| format!("latency: cannot subscribe to {topic}"))?;
+        let assigned = consumer.context().assigned.clone();
+        let thread = tokio::task::spawn_blocking(move || {
+            let mut latencies = Vec::with_capacity(usize::try_from(measured).unwrap_or(0));
+            let mut last_progress = Instant::now();
+            while (latencies.len() as u64) < measured {
+                if let Some(Ok(record)) = consumer.poll(Duration::from_millis(100)) {
+                    last_progress = Instant::now();
+                    let received_us = now_micros();
+                    let sent = record
+                        .headers()
+                        .and_then(|headers| {
+                            headers
+                                .iter()
+                                .find(|h| h.key == "message-id")
+                                .and_then(|h| h.value)
+                        })
+                        .and_then(|id| std::str::from_utf8(id).ok())
+                        .and_then(sent_micros);
+                    if let Some(sent_us) = sent {
+                        latencies.push(received_us - sent_us);
+                    }
+                }
+                if last_progress.elapsed() > STALL_TIMEOUT {
+                    bail!(
+                        "latency: the raw consumer received nothing for {STALL_TIMEOUT:?} after \
+                         {} of {measured} messages",
+                        latencies.len()
+                    );
+                }
+            }
+            Ok(latencies)
+        });
+        Ok(Self { assigned, thread })
+    }
+
+    async fn wait_assigned(&self, timeout: Duration) -> anyhow::Result<()> {
+        let since = Instant::now();
+        while !self.assigned.load(AtomicOrdering::Relaxed) {
+            if since.elapsed() > timeout {
+                bail!("latency: the raw consumer got no partitions within {timeout:?}");
+            }
+            tokio::time::sleep(POLL_EVERY).await;
+        }
+        Ok(())
+    }
+
+    async fn finish(self) -> anyhow::Result<Percentiles> {
+        let mut latencies = self
+            .thread
+            .await
+            .context("the raw latency consumer's thread failed")??;
+        latencies.sort_unstable();
+        Ok(Percentiles::of(&latencies))
+    }
+}
+
+/// Says when the raw consumer first holds its partitions.
+#[derive(Default)]
+struct RawContext {
+    assigned: Arc<AtomicBool>,
+}
+
+impl ClientContext for RawContext {}
+
+impl ConsumerContext for RawContext {
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(_) = rebalance {
+            self.assigned.store(true, AtomicOrdering::Relaxed);
+        }
+    }
+}
+
+/// Now, in microseconds since the Unix epoch (0 if the clock is before it).
+fn now_micros() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }
 
 /// Send `rate × latency_secs` messages at their scheduled times; the largest lag behind the

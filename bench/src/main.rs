@@ -105,7 +105,7 @@ struct Args {
     /// Messages the per-message baseline handles, a prefix of the topic [default: 5000; smoke: 200].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     seed_messages: Option<u64>,
-    /// Offered rate of the latency phase, messages per second [default: 2000; smoke: 500].
+    /// Offered rate of the latency phase, messages per second [default: 10000; smoke: 500].
     #[arg(long, value_name = "MSG/S", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     rate: Option<u64>,
     /// Length of the latency phase, seconds [default: 10; smoke: 2].

@@ -260,6 +260,12 @@ impl Report {
             latency.pacing_lag_max_ms,
             latency.warmup_seconds
         );
+        let _ = writeln!(
+            out,
+            "  the same messages, produce → received by a bare librdkafka consumer beside Weir:\n  \
+             p50 {:.1} ms   p95 {:.1} ms   p99 {:.1} ms   max {:.1} ms",
+            latency.raw.p50_ms, latency.raw.p95_ms, latency.raw.p99_ms, latency.raw.max_ms
+        );
         let io = &self.io;
         let _ = writeln!(
             out,
