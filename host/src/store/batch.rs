@@ -9,13 +9,16 @@ use super::{CommitOutcome, Completion, OutboxInsert, StoreError};
 /// A processed key: `(binding_id, message_id)`.
 pub(crate) type ProcessedKey<'a> = (&'a str, &'a str);
 
+/// A set of processed keys, hashed with foldhash: one lookup per message of every commit.
+pub(crate) type KeySet<'a> = HashSet<ProcessedKey<'a>, foldhash::fast::RandomState>;
+
 /// Which of a batch's processed keys the commit's insert created.
 #[derive(Debug)]
 pub(crate) enum Inserted<'a> {
     /// All of them (the common case: no message of the batch was processed before).
     All,
     /// Only these.
-    Only(HashSet<ProcessedKey<'a>>),
+    Only(KeySet<'a>),
 }
 
 impl Inserted<'_> {
@@ -105,7 +108,7 @@ pub(crate) fn outcomes<'a>(
     batch: &'a [Completion],
     inserted: &Inserted<'_>,
 ) -> (Vec<CommitOutcome>, Writes<'a>) {
-    let mut seen: HashSet<ProcessedKey<'a>> = HashSet::with_capacity(batch.len());
+    let mut seen: KeySet<'a> = KeySet::with_capacity_and_hasher(batch.len(), Default::default());
     let mut outcomes = Vec::with_capacity(batch.len());
     let mut state: BTreeMap<StateKey<'a>, Option<&'a [u8]>> = BTreeMap::new();
     let mut outbox_ids: HashSet<&str> = HashSet::new();
