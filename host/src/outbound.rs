@@ -36,7 +36,9 @@ use prometheus::{Histogram, IntCounter, IntGauge};
 use serde::{Deserialize, Serialize};
 use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody};
 
-use crate::pipeline::breaker::{Admission, Breaker, BreakerPolicy, Outcome, ProbeToken};
+use crate::pipeline::breaker::{
+    Admission, Breaker, BreakerPolicy, BreakerState, Outcome, ProbeToken,
+};
 
 /// Default connect timeout: 2 s.
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 2_000;
@@ -50,6 +52,11 @@ pub const MAX_TIMEOUT_MS: u64 = 5 * 60 * 1000;
 pub const MAX_RESPONSE_BYTES: u64 = 64 << 20;
 /// Most allowlist entries per binding (each is a label value of the HTTP metrics).
 pub const MAX_ALLOW_ENTRIES: usize = 64;
+/// Destinations (`host:port`) whose breaker one gate keeps, at most. A `*.domain` entry, or an
+/// entry without a port, lets a handler name destinations without end; past this many, the
+/// closed breakers are forgotten first (they hold at most a few failures short of their
+/// threshold), and if every kept breaker is open or probing, all are.
+pub const MAX_DESTINATION_BREAKERS: usize = 1024;
 
 /// The `http` section of a binding's policy: outbound HTTP is granted only to bindings that
 /// have one, and only to the hosts it names.
@@ -344,10 +351,7 @@ impl HttpGate {
     }
 
     /// The state of the breaker of destination `host:port`, if a request has been sent there.
-    pub fn breaker_state(
-        &self,
-        destination: &str,
-    ) -> Option<crate::pipeline::breaker::BreakerState> {
+    pub fn breaker_state(&self, destination: &str) -> Option<BreakerState> {
         self.breakers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -523,6 +527,13 @@ impl HttpGate {
     /// half-open), `None` to fail fast.
     fn admit(&self, destination: &str, metrics: &DestinationMetrics) -> Option<Option<ProbeToken>> {
         let mut breakers = self.breakers.lock().unwrap_or_else(PoisonError::into_inner);
+        if breakers.len() >= MAX_DESTINATION_BREAKERS && !breakers.contains_key(destination) {
+            breakers.retain(|_, breaker| breaker.state() != BreakerState::Closed);
+            if breakers.len() >= MAX_DESTINATION_BREAKERS {
+                tracing::warn!(binding = %self.binding, limit = MAX_DESTINATION_BREAKERS, "every destination breaker kept is open; forgetting them all");
+                breakers.clear();
+            }
+        }
         let breaker = breakers
             .entry(destination.to_owned())
             .or_insert_with(|| Breaker::new(self.policy.breaker));
@@ -735,6 +746,39 @@ mod tests {
             let err = policy.validate().expect_err(field);
             assert_eq!(err.field, field, "{err}");
         }
+    }
+
+    /// A handler naming ever new destinations (`*.domain`) cannot grow the breaker map without
+    /// end; an open breaker outlives the closed ones forgotten to make room.
+    #[test]
+    fn destination_breakers_are_capped() {
+        let policy = HttpPolicy {
+            breaker: BreakerPolicy {
+                failure_threshold: 1,
+                ..BreakerPolicy::default()
+            },
+            ..HttpPolicy::allowing(["*.example.com"])
+        };
+        let allow = policy.allow.clone();
+        let gate = HttpGate::new(
+            "b1",
+            policy,
+            crate::metrics::Metrics::new().http("b1", &allow),
+        )
+        .unwrap();
+        let metrics = gate.metrics.destinations[0].clone();
+        let down = "down.example.com:443";
+        let probe = gate.admit(down, &metrics).unwrap();
+        gate.record(down, Outcome::Failure, probe, &metrics);
+        assert_eq!(gate.breaker_state(down), Some(BreakerState::Open));
+        for n in 0..3 * MAX_DESTINATION_BREAKERS {
+            let destination = format!("h{n}.example.com:443");
+            let probe = gate.admit(&destination, &metrics).unwrap();
+            gate.record(&destination, Outcome::Success, probe, &metrics);
+            let kept = gate.breakers.lock().unwrap().len();
+            assert!(kept <= MAX_DESTINATION_BREAKERS, "{kept} breakers kept");
+        }
+        assert_eq!(gate.breaker_state(down), Some(BreakerState::Open));
     }
 
     #[test]
