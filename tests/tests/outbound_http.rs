@@ -181,6 +181,38 @@ async fn the_gate_refuses_caps_times_out_and_breaks_per_destination() {
     assert!(message.contains("denied"), "{message}");
     assert!(message.contains("http.allow"), "{message}");
     assert_eq!(requests(), 1, "a refused request reached the service");
+    // The same refusal for a request with a body: the SDK writes the body before it learns the
+    // host refused, and must still report the refusal (permanent), not the failed write.
+    let poster = runtime
+        .load(&std::fs::read(weir_acceptance::component("weir_fixture_http_post")).unwrap())
+        .unwrap();
+    // A body larger than the stream's buffer, so that writing it fails once the host refused.
+    let mut big = order(2, "c-2");
+    big.payload = vec![b'x'; 1 << 20];
+    let posted = HandlerPool::new(poster, 2)
+        .granting_http()
+        .invoke(
+            &big,
+            &InvocationContext {
+                config: Arc::new(
+                    [("url".to_owned(), format!("{url}/audit"))]
+                        .into_iter()
+                        .collect(),
+                ),
+                http: Some(gate(
+                    &metrics,
+                    "b.elsewhere.post",
+                    HttpPolicy::allowing(["customers.example"]),
+                )),
+                ..InvocationContext::default()
+            },
+        )
+        .await
+        .unwrap();
+    let (kind, message) = error(&posted);
+    assert_eq!(kind, ErrorKind::Permanent, "{message}");
+    assert!(message.contains("denied"), "{message}");
+    assert_eq!(requests(), 1, "a refused POST reached the service");
     // Allowed by name but internal: refused unless the operator allows private networks.
     let guarded = {
         let policy = HttpPolicy::allowing([allowed.clone()]);
