@@ -77,6 +77,18 @@ pub fn link(span: &tracing::Span, trace: TraceContext) -> TraceContext {
     }
 }
 
+/// Whether spans are exported over OTLP (feature `otlp`, an endpoint configured).
+pub fn exporting() -> bool {
+    #[cfg(feature = "otlp")]
+    {
+        otlp::exporting()
+    }
+    #[cfg(not(feature = "otlp"))]
+    {
+        false
+    }
+}
+
 /// Flush the spans not yet exported (at the end of `weir serve`).
 pub fn shutdown() {
     #[cfg(feature = "otlp")]
@@ -154,6 +166,11 @@ pub mod otlp {
             .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
                 meta.target().starts_with("weir")
             })))
+    }
+
+    /// See [`super::exporting`].
+    pub fn exporting() -> bool {
+        PROVIDER.get().is_some()
     }
 
     /// See [`super::link`].

@@ -672,6 +672,38 @@ struct Coordinator {
 /// Write the handler's log lines (its `log` import, stdout, stderr) to the host's log, inside
 /// the message's span (target `weir::handler`), so they carry the tenant, binding, message and
 /// trace.
+/// The span of one message (target `weir::message`) and, when it is recorded, the trace context
+/// it continues, its ids recorded on it.
+fn message_span(
+    spec: &BindingSpec,
+    binding_id: &str,
+    message: &Message,
+) -> (tracing::Span, Option<TraceContext>) {
+    let span = tracing::info_span!(
+        target: "weir::message",
+        "message",
+        tenant = %spec.tenant,
+        handler = %spec.handler,
+        binding = %binding_id,
+        topic = %message.topic,
+        partition = message.partition,
+        offset = message.offset,
+        message_id = %message.id,
+        attempt = message.attempt,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+    );
+    // With OTLP export on, the exported span continues the record's trace and its ids are the
+    // ones the emitted records name.
+    let trace = (!span.is_disabled()).then(|| {
+        let trace = crate::telemetry::link(&span, TraceContext::for_message(binding_id, message));
+        span.record("trace_id", tracing::field::display(trace.trace_id_hex()));
+        span.record("span_id", tracing::field::display(trace.span_id_hex()));
+        trace
+    });
+    (span, trace)
+}
+
 fn log_handler_lines(invocation: &Invocation) {
     use crate::runtime::LogLevel;
     for line in &invocation.logs {
@@ -1393,34 +1425,27 @@ impl Coordinator {
         let binding_id = self.binding_id.clone();
         let spec = self.spec.clone();
         let metrics = self.metrics.clone();
-        let span = tracing::info_span!(
-            target: "weir::message",
-            "message",
-            tenant = %spec.tenant,
-            handler = %spec.handler,
-            binding = %binding_id,
-            topic = %message.topic,
-            partition = message.partition,
-            offset = message.offset,
-            message_id = %message.id,
-            attempt = message.attempt,
-            trace_id = tracing::field::Empty,
-            span_id = tracing::field::Empty,
-        );
-        // The trace context costs a hash: computed here only when the span is recorded (with
-        // OTLP export on, the exported span continues the record's trace and its ids are the
-        // ones the emitted records name), else only if the message emits.
-        let trace = (!span.is_disabled()).then(|| {
-            let trace =
-                crate::telemetry::link(&span, TraceContext::for_message(&binding_id, &message));
-            span.record("trace_id", tracing::field::display(trace.trace_id_hex()));
-            span.record("span_id", tracing::field::display(trace.span_id_hex()));
-            trace
-        });
+        // The message's span costs its fields formatted (and a hash for the trace context):
+        // made before the invocation only when it is exported over OTLP (its timing is part
+        // of the trace), else only if the handler logged something, for those lines to carry it.
+        let (span, trace) = if crate::telemetry::exporting() {
+            let (span, trace) = message_span(&spec, &binding_id, &message);
+            (Some(span), trace)
+        } else {
+            (None, None)
+        };
+        let logged_in = span.clone();
         let task = async move {
             let invoked = handler.invoke(&message, &context).await;
             if let Ok(invocation) = &invoked {
-                log_handler_lines(invocation);
+                if !invocation.logs.is_empty() || invocation.logs_dropped > 0 {
+                    match &logged_in {
+                        Some(span) => span.in_scope(|| log_handler_lines(invocation)),
+                        None => message_span(&spec, &binding_id, &message)
+                            .0
+                            .in_scope(|| log_handler_lines(invocation)),
+                    }
+                }
                 metrics
                     .handler_duration
                     .observe(invocation.duration.as_secs_f64());
@@ -1527,7 +1552,10 @@ impl Coordinator {
             };
             let _ = done.send(report);
         };
-        tokio::spawn(task.instrument(span));
+        match span {
+            Some(span) => tokio::spawn(task.instrument(span)),
+            None => tokio::spawn(task),
+        };
     }
 
     async fn on_done(&mut self, done: Done) {
