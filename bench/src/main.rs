@@ -208,8 +208,11 @@ pub fn progress(line: impl std::fmt::Display) {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    // The host's per-message span and handler lines at `info`, as `weir serve` runs by default
+    // (so the bench pays what production pays); the rest of the host's chatter at `warn`.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("warn,weir::message=info,weir::handler=info")
+    });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
