@@ -15,8 +15,8 @@ use serde_json::json;
 use weir::runtime::{Header, StateWrite};
 use weir::store::{
     BreakerWrite, CommitOutcome, Completion, DlqEntryInsert, DlqErrorKind, DlqFilter, DlqState,
-    NewTenant, NewToken, OutboxInsert, OutboxState, Quota, RateLimit, Resolution, Store,
-    StoreError, TenantUsage, TokenRecord,
+    NewTenant, NewToken, OutboxInsert, OutboxState, Quota, RateLimit, ReplayScope, Resolution,
+    Store, StoreError, TenantUsage, TokenRecord,
 };
 
 /// Bound on waits for a notification; generous, the two cores are shared with the compiler.
@@ -1546,7 +1546,7 @@ async fn dlq_replays_are_claimed_with_a_lease_and_marked_by_the_commit(store: &d
     // Nothing is queued yet.
     assert!(
         store
-            .dlq_claim_replays(BINDING, 10, lease)
+            .dlq_claim_replays(BINDING, ReplayScope::Any, 10, lease)
             .await
             .unwrap()
             .is_empty()
@@ -1587,28 +1587,39 @@ async fn dlq_replays_are_claimed_with_a_lease_and_marked_by_the_commit(store: &d
     assert_eq!(replaying, [first, second, elsewhere]);
 
     // Claims: the binding's own, oldest first, up to the limit; none twice while leased.
-    let claimed = store.dlq_claim_replays(BINDING, 1, lease).await.unwrap();
+    let claimed = store
+        .dlq_claim_replays(BINDING, ReplayScope::Any, 1, lease)
+        .await
+        .unwrap();
     assert_eq!(claimed.iter().map(|e| e.id).collect::<Vec<_>>(), [first]);
     assert_eq!(claimed[0].entry.message_id, "m1");
     assert_eq!(claimed[0].state, DlqState::Replaying);
-    let claimed = store.dlq_claim_replays(BINDING, 10, lease).await.unwrap();
+    let claimed = store
+        .dlq_claim_replays(BINDING, ReplayScope::Any, 10, lease)
+        .await
+        .unwrap();
     assert_eq!(claimed.iter().map(|e| e.id).collect::<Vec<_>>(), [second]);
     assert!(
         store
-            .dlq_claim_replays(BINDING, 10, lease)
+            .dlq_claim_replays(BINDING, ReplayScope::Any, 10, lease)
             .await
             .unwrap()
             .is_empty()
     );
     // A lease that runs out makes the entry claimable again.
     let short = store
-        .dlq_claim_replays("acme-refunds", 10, Duration::from_millis(50))
+        .dlq_claim_replays(
+            "acme-refunds",
+            ReplayScope::Any,
+            10,
+            Duration::from_millis(50),
+        )
         .await
         .unwrap();
     assert_eq!(short.iter().map(|e| e.id).collect::<Vec<_>>(), [elsewhere]);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let reclaimed = store
-        .dlq_claim_replays("acme-refunds", 10, lease)
+        .dlq_claim_replays("acme-refunds", ReplayScope::Any, 10, lease)
         .await
         .unwrap();
     assert_eq!(
@@ -1675,7 +1686,7 @@ async fn dlq_replays_are_claimed_with_a_lease_and_marked_by_the_commit(store: &d
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert!(
         store
-            .dlq_claim_replays(BINDING, 10, Duration::ZERO)
+            .dlq_claim_replays(BINDING, ReplayScope::Any, 10, Duration::ZERO)
             .await
             .unwrap()
             .is_empty()
@@ -1694,14 +1705,14 @@ async fn dlq_replays_are_claimed_with_a_lease_and_marked_by_the_commit(store: &d
     assert_eq!(refreshed.entry.last_failure_at, at(60));
     assert!(
         store
-            .dlq_claim_replays("acme-refunds", 10, lease)
+            .dlq_claim_replays("acme-refunds", ReplayScope::Any, 10, lease)
             .await
             .unwrap()
             .is_empty()
     );
     store.dlq_replay(TENANT, elsewhere).await.unwrap();
     let claimed = store
-        .dlq_claim_replays("acme-refunds", 10, lease)
+        .dlq_claim_replays("acme-refunds", ReplayScope::Any, 10, lease)
         .await
         .unwrap();
     assert_eq!(
@@ -1900,6 +1911,72 @@ async fn sqlite_store() -> (tempfile::TempDir, Arc<dyn Store>) {
     (dir, store)
 }
 
+/// A worker claims only the replays it can run: those of the partitions it holds, and those of
+/// topics its binding no longer reads; another replica's partitions are left alone.
+async fn dlq_replays_are_claimed_only_within_the_scope(store: &dyn Store) {
+    let lease = Duration::from_secs(60);
+    let mut queued = Vec::new();
+    for (n, (topic, partition)) in [("orders", 0), ("orders", 1), ("orders", 2), ("former", 7)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut entry = dlq_entry(BINDING, &format!("s{n}"), DlqErrorKind::Permanent, n as i64);
+        entry.topic = topic.to_owned();
+        entry.partition = partition;
+        let id = store.dlq_insert(&entry).await.unwrap();
+        store.dlq_replay(TENANT, id).await.unwrap();
+        queued.push(id);
+    }
+    let topics = vec!["orders".to_owned(), "refunds".to_owned()];
+    let ids =
+        |entries: Vec<weir::store::DlqEntry>| entries.iter().map(|e| e.id).collect::<Vec<_>>();
+    // This replica holds orders/1 and refunds/0: it claims orders/1 and the former topic's.
+    let mine = [("orders".to_owned(), 1), ("refunds".to_owned(), 0)];
+    let claimed = store
+        .dlq_claim_replays(
+            BINDING,
+            ReplayScope::Held {
+                topics: &topics,
+                partitions: &mine,
+            },
+            10,
+            lease,
+        )
+        .await
+        .unwrap();
+    assert_eq!(ids(claimed), [queued[1], queued[3]]);
+    // A replica holding nothing of the binding's claims only what is left of former topics:
+    // nothing now.
+    let none = store
+        .dlq_claim_replays(
+            BINDING,
+            ReplayScope::Held {
+                topics: &topics,
+                partitions: &[],
+            },
+            10,
+            lease,
+        )
+        .await
+        .unwrap();
+    assert_eq!(ids(none), Vec::<i64>::new());
+    // The replica holding orders/0 and orders/2 claims those two.
+    let theirs = [("orders".to_owned(), 0), ("orders".to_owned(), 2)];
+    let claimed = store
+        .dlq_claim_replays(
+            BINDING,
+            ReplayScope::Held {
+                topics: &topics,
+                partitions: &theirs,
+            },
+            10,
+            lease,
+        )
+        .await
+        .unwrap();
+    assert_eq!(ids(claimed), [queued[0], queued[2]]);
+}
+
 macro_rules! contract {
     ($($test:ident),+ $(,)?) => {
         mod postgres {
@@ -1973,6 +2050,7 @@ contract!(
     tokens_are_found_by_hash_and_revoked_by_their_tenant,
     state_list_returns_the_values_of_one_key_by_name,
     dlq_replays_are_claimed_with_a_lease_and_marked_by_the_commit,
+    dlq_replays_are_claimed_only_within_the_scope,
     breakers_are_shared_by_revision_and_deleted_with_their_binding,
     dlq_pending_counts_are_grouped_by_tenant_and_handler,
 );
@@ -2194,7 +2272,7 @@ async fn concurrent_replay_claims_never_share_an_entry() {
                 let store = store.clone();
                 tokio::spawn(async move {
                     store
-                        .dlq_claim_replays(BINDING, 5, Duration::from_secs(60))
+                        .dlq_claim_replays(BINDING, ReplayScope::Any, 5, Duration::from_secs(60))
                         .await
                         .unwrap()
                 })

@@ -39,10 +39,11 @@
 //! them already committed, its processed key absorbing a replay that runs twice — marks the
 //! entry replayed; on its final failure it is dead-lettered again, which files the same entry
 //! as pending. Its offset is neither tracked nor stored: it is not a record of the assignment.
-//! Only replays of partitions the worker holds run here; one of another partition, or one
-//! dropped because its partition was revoked before it ran, is left to its lease, after which
-//! it can be claimed again (by the worker holding the partition, with luck: the claim does not
-//! filter by partition). A failed claim is a fault of the host: logged, tried at the next tick.
+//! The claim asks only for replays of the partitions the worker holds (and of topics the
+//! binding no longer reads, which any worker runs), so with several replicas each claims its
+//! own. One whose partition was revoked between the claim and its run is dropped and left to
+//! its lease, after which the worker holding the partition claims it. A failed claim is a
+//! fault of the host: logged, tried at the next tick.
 //!
 //! The binding's circuit breaker (SEMANTICS §3, [`super::breaker`]): every outcome of a handler
 //! is recorded — a retryable error or a deadline as a failure, a permanent error, refusal or
@@ -108,7 +109,7 @@ use crate::runtime::{
 };
 use crate::store::{
     BreakerRecord, BreakerWrite, Completion, DlqEntry, DlqEntryInsert, DlqErrorKind, OutboxInsert,
-    Store, StoreError,
+    ReplayScope, Store, StoreError,
 };
 
 /// Consumer session timeout when the caller sets none: librdkafka's default, 45 s, longer than
@@ -1003,11 +1004,28 @@ impl Coordinator {
         }
         self.claiming = true;
         let limit = REPLAY_CLAIM_BATCH.min(u32::try_from(room).unwrap_or(u32::MAX));
+        // Only replays this worker can run: of its partitions, or of topics the binding no
+        // longer reads. Another replica's are left to it, not leased here for nothing.
+        let held: Vec<(String, i32)> = self
+            .offsets
+            .partitions()
+            .filter_map(|(topic, partition)| {
+                let topic = self.topics.get(usize::from(topic))?;
+                Some((topic.clone(), partition))
+            })
+            .collect();
+        let topics = self.topics.clone();
         let store = self.store.clone();
         let binding = self.binding_id.clone();
         let done = self.done_tx.clone();
         tokio::spawn(async move {
-            let claimed = store.dlq_claim_replays(&binding, limit, REPLAY_LEASE).await;
+            let scope = ReplayScope::Held {
+                topics: &topics,
+                partitions: &held,
+            };
+            let claimed = store
+                .dlq_claim_replays(&binding, scope, limit, REPLAY_LEASE)
+                .await;
             let _ = done.send(Done::Claimed(claimed));
         });
     }

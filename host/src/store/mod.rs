@@ -115,7 +115,7 @@ pub use types::{
     BindingRecord, BreakerRecord, BreakerWrite, CommitOutcome, Completion, DlqEntry,
     DlqEntryInsert, DlqErrorKind, DlqFilter, DlqState, HandlerSummary, HandlerVersion,
     MAX_DLQ_PAGE, MAX_OUTBOX_CLAIM, NewTenant, NewToken, OutboxInsert, OutboxRecord, OutboxState,
-    Quota, RateLimit, Resolution, Tenant, TenantUsage, TokenRecord,
+    Quota, RateLimit, ReplayScope, Resolution, Tenant, TenantUsage, TokenRecord,
 };
 
 /// The NOTIFY channel that announces new outbox rows.
@@ -350,11 +350,12 @@ pub trait Store: Send + Sync {
     async fn dlq_replay(&self, tenant: &str, id: i64) -> Result<DlqEntry, StoreError>;
 
     /// Claim up to `limit` (at most [`MAX_OUTBOX_CLAIM`]) entries of `binding_id` queued for
-    /// replay whose lease is absent or has run out, oldest first, leasing them for `lease` (as
-    /// [`Store::outbox_claim`] does).
+    /// replay within `scope` whose lease is absent or has run out, oldest first, leasing them
+    /// for `lease` (as [`Store::outbox_claim`] does).
     async fn dlq_claim_replays(
         &self,
         binding_id: &str,
+        scope: ReplayScope<'_>,
         limit: u32,
         lease: Duration,
     ) -> Result<Vec<DlqEntry>, StoreError>;

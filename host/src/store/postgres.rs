@@ -21,8 +21,8 @@ use super::{
     BindingRecord, BreakerRecord, BreakerWrite, CommitOutcome, Completion, DlqEntry,
     DlqEntryInsert, DlqErrorKind, DlqFilter, DlqState, HandlerSummary, HandlerVersion,
     MAX_ERROR_BYTES, NewTenant, NewToken, OUTBOX_CHANNEL, OutboxInsert, OutboxRecord, OutboxState,
-    Quota, RateLimit, Resolution, Store, StoreError, Tenant, TenantUsage, TokenRecord, claim_limit,
-    lease_micros, truncate,
+    Quota, RateLimit, ReplayScope, Resolution, Store, StoreError, Tenant, TenantUsage, TokenRecord,
+    claim_limit, lease_micros, truncate,
 };
 
 /// Connections in the pool. A live [`Store::outbox_notifications`] listener holds one of them.
@@ -1365,14 +1365,27 @@ impl Store for PgStore {
     async fn dlq_claim_replays(
         &self,
         binding_id: &str,
+        scope: ReplayScope<'_>,
         limit: u32,
         lease: Duration,
     ) -> Result<Vec<DlqEntry>, StoreError> {
+        let (any, topics, held_topics, held_partitions) = match scope {
+            ReplayScope::Any => (true, Vec::new(), Vec::new(), Vec::new()),
+            ReplayScope::Held { topics, partitions } => (
+                false,
+                topics.iter().map(String::as_str).collect(),
+                partitions.iter().map(|(t, _)| t.as_str()).collect(),
+                partitions.iter().map(|(_, p)| *p).collect(),
+            ),
+        };
         let rows = sqlx::query(concat!(
             "UPDATE dlq_entries SET lease_until = now() + $3 * interval '1 microsecond' \
              WHERE id IN (SELECT id FROM dlq_entries \
                           WHERE binding_id = $1 AND state = 'replaying' \
                             AND (lease_until IS NULL OR lease_until <= now()) \
+                            AND ($4 OR NOT (topic = ANY($5::text[])) \
+                                 OR (topic, kafka_partition) IN \
+                                    (SELECT * FROM UNNEST($6::text[], $7::int[]))) \
                           ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED) \
              RETURNING ",
             dlq_columns!()
@@ -1380,6 +1393,10 @@ impl Store for PgStore {
         .bind(binding_id)
         .bind(claim_limit(limit))
         .bind(lease_micros(lease))
+        .bind(any)
+        .bind(&topics)
+        .bind(&held_topics)
+        .bind(&held_partitions)
         .fetch_all(&self.pool)
         .await
         .map_err(db("claim dlq replays"))?;

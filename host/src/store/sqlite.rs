@@ -30,8 +30,8 @@ use super::{
     BindingRecord, BreakerRecord, BreakerWrite, CommitOutcome, Completion, DlqEntry,
     DlqEntryInsert, DlqErrorKind, DlqFilter, DlqState, HandlerSummary, HandlerVersion,
     MAX_ERROR_BYTES, NewTenant, NewToken, OutboxInsert, OutboxRecord, OutboxState, Quota,
-    RateLimit, Resolution, Store, StoreError, Tenant, TenantUsage, TokenRecord, claim_limit,
-    lease_micros, truncate,
+    RateLimit, ReplayScope, Resolution, Store, StoreError, Tenant, TenantUsage, TokenRecord,
+    claim_limit, lease_micros, truncate,
 };
 
 /// Connections to a database file (readers run in parallel under WAL; writers queue).
@@ -1358,15 +1358,37 @@ impl Store for SqliteStore {
     async fn dlq_claim_replays(
         &self,
         binding_id: &str,
+        scope: ReplayScope<'_>,
         limit: u32,
         lease: Duration,
     ) -> Result<Vec<DlqEntry>, StoreError> {
         let at = now();
+        let (any, topics, held) = match scope {
+            ReplayScope::Any => (true, "[]".to_owned(), "[]".to_owned()),
+            ReplayScope::Held { topics, partitions } => (
+                false,
+                serde_json::Value::from(topics.to_vec()).to_string(),
+                serde_json::Value::from(
+                    partitions
+                        .iter()
+                        .map(|(t, p)| serde_json::json!([t, p]))
+                        .collect::<Vec<_>>(),
+                )
+                .to_string(),
+            ),
+        };
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE dlq_entries SET lease_until = $1 + $2 \
              WHERE id IN (SELECT id FROM dlq_entries \
                           WHERE binding_id = $4 AND state = 'replaying' \
                             AND (lease_until IS NULL OR lease_until <= $1) \
+                            AND ($5 \
+                                 OR NOT EXISTS (SELECT 1 FROM json_each($6) t \
+                                                WHERE t.value = dlq_entries.topic) \
+                                 OR EXISTS (SELECT 1 FROM json_each($7) h \
+                                            WHERE json_extract(h.value, '$[0]') = dlq_entries.topic \
+                                              AND json_extract(h.value, '$[1]') \
+                                                  = dlq_entries.kafka_partition)) \
                           ORDER BY id LIMIT $3) \
              RETURNING {DLQ_COLUMNS}"
         )))
@@ -1374,6 +1396,9 @@ impl Store for SqliteStore {
         .bind(lease_micros(lease))
         .bind(claim_limit(limit))
         .bind(binding_id)
+        .bind(any)
+        .bind(topics)
+        .bind(held)
         .fetch_all(&self.pool)
         .await
         .map_err(db("claim dlq replays"))?;

@@ -247,6 +247,22 @@ pub struct DlqEntry {
     pub resolution_note: Option<String>,
 }
 
+/// Which of a binding's queued replays a worker may claim ([`super::Store::dlq_claim_replays`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayScope<'a> {
+    /// Every one.
+    Any,
+    /// Those of the partitions the worker holds, and those of topics its binding no longer
+    /// reads (no worker holds their partitions: any worker runs them). Another replica's
+    /// partitions are left to it instead of leased here for nothing.
+    Held {
+        /// The topics the binding reads.
+        topics: &'a [String],
+        /// The `(topic, partition)`s the worker holds.
+        partitions: &'a [(String, i32)],
+    },
+}
+
 /// Which DLQ entries to list. Every field narrows the result; entries come in id order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DlqFilter {
