@@ -680,10 +680,13 @@ impl Store for FlakyStore {
     async fn dlq_claim_replays(
         &self,
         binding_id: &str,
+        scope: weir::store::ReplayScope<'_>,
         limit: u32,
         lease: Duration,
     ) -> Result<Vec<DlqEntry>, StoreError> {
-        self.inner.dlq_claim_replays(binding_id, limit, lease).await
+        self.inner
+            .dlq_claim_replays(binding_id, scope, limit, lease)
+            .await
     }
 
     async fn dlq_get(&self, tenant: &str, id: i64) -> Result<Option<DlqEntry>, StoreError> {
