@@ -367,11 +367,39 @@ enum Done {
 /// the pool waits for a connection longer than the deadline — counts as failed too: the
 /// handler was waiting for the host, so its deadline trap is the host's fault, not a failure
 /// that spends an attempt or counts towards the breaker.
+///
+/// A read that the store answers late counts too: if the invocation then runs out of time
+/// having spent at least half of it waiting for the store (a read that waited for a connection
+/// until the database came back), the deadline is the host's fault as well.
 struct StoreState {
     store: Arc<dyn Store>,
     /// (tenant, handler), shared by every invocation of the binding.
     owner: Arc<(String, String)>,
     failed: AtomicBool,
+    /// Time spent waiting for the store's answers, microseconds.
+    waited_us: AtomicU64,
+}
+
+impl StoreState {
+    /// Whether the invocation's `outcome` (after `duration`) is the host's fault: a read
+    /// failed or was abandoned, or the deadline ran out while it mostly waited for the store.
+    fn host_fault(&self, outcome: &Outcome, duration: Duration) -> bool {
+        if outcome.is_ok() {
+            return false;
+        }
+        if self.failed.load(AtomicOrdering::Relaxed) {
+            return true;
+        }
+        let deadline = matches!(
+            outcome,
+            Outcome::Trap {
+                kind: TrapKind::Deadline,
+                ..
+            }
+        );
+        let waited = Duration::from_micros(self.waited_us.load(AtomicOrdering::Relaxed));
+        deadline && waited * 2 >= duration
+    }
 }
 
 impl StateSource for StoreState {
@@ -382,10 +410,13 @@ impl StateSource for StoreState {
     ) -> BoxFuture<'a, Result<Option<Vec<u8>>, String>> {
         Box::pin(async move {
             let unanswered = FailUnlessAnswered(Some(&self.failed));
+            let started = Instant::now();
             let read = self
                 .store
                 .state_get(&self.owner.0, &self.owner.1, key, name)
                 .await;
+            let waited = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+            self.waited_us.fetch_add(waited, AtomicOrdering::Relaxed);
             unanswered.answered();
             read.map_err(|e| {
                 self.failed.store(true, AtomicOrdering::Relaxed);
@@ -1436,6 +1467,7 @@ impl Coordinator {
             store: self.store.clone(),
             owner: self.owner.clone(),
             failed: AtomicBool::new(false),
+            waited_us: AtomicU64::new(0),
         });
         let mut context = self.context.clone();
         context.state = state.clone();
@@ -1493,10 +1525,7 @@ impl Coordinator {
                     slot,
                     error: e.to_string(),
                 },
-                Ok(invocation)
-                    if !invocation.outcome.is_ok()
-                        && state.failed.load(AtomicOrdering::Relaxed) =>
-                {
+                Ok(invocation) if state.host_fault(&invocation.outcome, invocation.duration) => {
                     Done::HostFault {
                         slot,
                         error: "the state store could not be read".to_owned(),
@@ -1998,6 +2027,43 @@ impl Coordinator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn deadline_trap() -> Outcome {
+        Outcome::Trap {
+            kind: TrapKind::Deadline,
+            message: "deadline of 5000 ms exceeded".to_owned(),
+        }
+    }
+
+    /// A deadline the invocation mostly spent waiting for the store is the host's fault; one
+    /// it mostly spent on its own is the handler's, as is any other failure after a slow read.
+    #[tokio::test]
+    async fn a_deadline_spent_waiting_for_the_store_is_the_hosts_fault() {
+        let store: Arc<dyn Store> = Arc::new(
+            crate::store::SqliteStore::connect("sqlite::memory:")
+                .await
+                .unwrap(),
+        );
+        let state = |waited: Duration| StoreState {
+            store: store.clone(),
+            owner: Arc::new(("acme".to_owned(), "orders".to_owned())),
+            failed: AtomicBool::new(false),
+            waited_us: AtomicU64::new(waited.as_micros() as u64),
+        };
+        let five = Duration::from_secs(5);
+        assert!(state(Duration::from_millis(4_900)).host_fault(&deadline_trap(), five));
+        assert!(state(Duration::from_millis(2_500)).host_fault(&deadline_trap(), five));
+        assert!(!state(Duration::from_millis(200)).host_fault(&deadline_trap(), five));
+        let error = Outcome::HandlerError {
+            kind: ErrorKind::Retryable,
+            message: "no".to_owned(),
+        };
+        assert!(!state(Duration::from_millis(4_900)).host_fault(&error, five));
+        assert!(!state(Duration::from_millis(4_900)).host_fault(&Outcome::Ok, five));
+        let failed = state(Duration::ZERO);
+        failed.failed.store(true, AtomicOrdering::Relaxed);
+        assert!(failed.host_fault(&error, five));
+    }
 
     /// A read abandoned half-way (its future dropped, as the invocation's deadline does) marks
     /// the invocation's state as failed; an answered read does not.
