@@ -125,6 +125,18 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}_{}_{millis}_{n}", process::id())
 }
 
+/// A loopback port free at the time of asking (the OS picks it; the listener is closed again).
+///
+/// # Panics
+///
+/// If no loopback port can be bound.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .unwrap_or_else(|e| panic!("cannot bind a loopback port: {e}"))
+}
+
 /// Directory of the release builds of handler components:
 /// `$CARGO_TARGET_DIR` (else `<repo>/target`) + `/wasm32-wasip2/release`.
 ///

@@ -25,14 +25,6 @@ use weir_acceptance::{component, services, unique_name, weir_binary};
 
 const ADMIN: &str = "cli-admin-token-0123456789abcdef";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -64,7 +56,7 @@ impl Host {
         let separator = if base.contains('?') { '&' } else { '?' };
         let url = format!("{base}{separator}options=-c%20search_path%3D{schema}");
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
+        let port = weir_acceptance::free_port();
         let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
         let mut command = Command::new(weir_binary());
         for (name, _) in std::env::vars_os() {
@@ -582,7 +574,7 @@ async fn the_cli_drives_the_admin_api_end_to_end() {
     host.json(token, &["handler", "delete", "orders"]);
     host.json(Some(ADMIN), &["tenant", "delete", &tenant]);
     // 5: a server that is down.
-    let down = format!("http://127.0.0.1:{}", free_port());
+    let down = format!("http://127.0.0.1:{}", weir_acceptance::free_port());
     let out = host.weir_at(&down, token, &["handler", "list"]);
     assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
     assert!(

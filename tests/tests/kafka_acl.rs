@@ -58,14 +58,6 @@ impl Drop for SecureBroker {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The directory of the Kafka jars `tests/services` caches (fetched if missing).
 fn kafka_libs() -> PathBuf {
     let output = Command::new(repo_root().join("tests/services"))
@@ -118,7 +110,7 @@ impl SecureBroker {
     async fn start() -> Self {
         let libs = kafka_libs();
         let dir = tempfile::tempdir().unwrap();
-        let (port, controller) = (free_port(), free_port());
+        let (port, controller) = (weir_acceptance::free_port(), weir_acceptance::free_port());
         let bootstrap = format!("127.0.0.1:{port}");
         let properties = dir.path().join("server.properties");
         let (admin, admin_password) = ADMIN;

@@ -1928,53 +1928,35 @@ async fn dlq_replays_are_claimed_only_within_the_scope(store: &dyn Store) {
         queued.push(id);
     }
     let topics = vec!["orders".to_owned(), "refunds".to_owned()];
-    let ids =
-        |entries: Vec<weir::store::DlqEntry>| entries.iter().map(|e| e.id).collect::<Vec<_>>();
-    // This replica holds orders/1 and refunds/0: it claims orders/1 and the former topic's.
-    let mine = [("orders".to_owned(), 1), ("refunds".to_owned(), 0)];
-    let claimed = store
-        .dlq_claim_replays(
-            BINDING,
-            ReplayScope::Held {
+    let claim = |held: Vec<(&'static str, i32)>| {
+        let topics = topics.clone();
+        async move {
+            let partitions: Vec<(String, i32)> =
+                held.into_iter().map(|(t, p)| (t.to_owned(), p)).collect();
+            let scope = ReplayScope::Held {
                 topics: &topics,
-                partitions: &mine,
-            },
-            10,
-            lease,
-        )
-        .await
-        .unwrap();
-    assert_eq!(ids(claimed), [queued[1], queued[3]]);
+                partitions: &partitions,
+            };
+            let claimed = store
+                .dlq_claim_replays(BINDING, scope, 10, lease)
+                .await
+                .unwrap();
+            claimed.iter().map(|e| e.id).collect::<Vec<_>>()
+        }
+    };
+    // This replica holds orders/1 and refunds/0: it claims orders/1 and the former topic's.
+    assert_eq!(
+        claim(vec![("orders", 1), ("refunds", 0)]).await,
+        [queued[1], queued[3]]
+    );
     // A replica holding nothing of the binding's claims only what is left of former topics:
     // nothing now.
-    let none = store
-        .dlq_claim_replays(
-            BINDING,
-            ReplayScope::Held {
-                topics: &topics,
-                partitions: &[],
-            },
-            10,
-            lease,
-        )
-        .await
-        .unwrap();
-    assert_eq!(ids(none), Vec::<i64>::new());
+    assert_eq!(claim(vec![]).await, Vec::<i64>::new());
     // The replica holding orders/0 and orders/2 claims those two.
-    let theirs = [("orders".to_owned(), 0), ("orders".to_owned(), 2)];
-    let claimed = store
-        .dlq_claim_replays(
-            BINDING,
-            ReplayScope::Held {
-                topics: &topics,
-                partitions: &theirs,
-            },
-            10,
-            lease,
-        )
-        .await
-        .unwrap();
-    assert_eq!(ids(claimed), [queued[0], queued[2]]);
+    assert_eq!(
+        claim(vec![("orders", 0), ("orders", 2)]).await,
+        [queued[0], queued[2]]
+    );
 }
 
 macro_rules! contract {

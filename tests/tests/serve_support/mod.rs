@@ -93,14 +93,6 @@ pub async fn create_topic(kafka: &[(String, String)], topic: &str, partitions: i
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Scenario {
     /// Create the topic (`partitions`), deploy `orders`, produce `messages` orders over `keys`
     /// customers.
@@ -284,7 +276,7 @@ impl Scenario {
     /// [`Self::start`], also answering the port its HTTP server (`/health`, `/metrics`, the
     /// admin API) listens on, at 127.0.0.1.
     pub fn start_listening(&self, n: usize) -> (Host, u16) {
-        let port = free_port();
+        let port = weir_acceptance::free_port();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
