@@ -78,12 +78,15 @@
 //! (`weir_rate_limit_waits_total`, `weir_rate_limit_wait_seconds_total`).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use futures::StreamExt as _;
 use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
@@ -131,6 +134,16 @@ const INTAKE_BATCHES: usize = 4;
 /// after its backoff; its effects still commit once). Offsets are stored as the commits
 /// complete, in any order. Other bindings run one commit at a time.
 const COMMITS_IN_FLIGHT: usize = 2;
+
+/// How long librdkafka waits before fetching again for a partition whose local queue was over
+/// its thresholds (librdkafka's default: 1 000 ms). See [`consumer_config`].
+const FETCH_QUEUE_BACKOFF_MS: &str = "10";
+
+/// Reports (invocations done, commits done) the coordinator takes from its channel at once.
+const DONES_PER_TURN: usize = 256;
+
+/// How long a task running a share of invocations runs before it yields to the runtime.
+const SHARE_SLICE: Duration = Duration::from_micros(500);
 
 /// Wait before running a message again after a fault of the host (not the handler): 1 s.
 const HOST_FAULT_BACKOFF: Duration = Duration::from_secs(1);
@@ -485,22 +498,7 @@ impl Worker {
                 &self.spec.group_id(),
                 self.stats.clone(),
             ));
-        let mut config = self.kafka.clone();
-        config
-            .set("group.id", self.spec.group_id())
-            .set("enable.auto.commit", "true")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            // Eager rebalancing: a revocation takes every partition, and the drain below is
-            // written for that. The cooperative protocol is not supported.
-            .set("partition.assignment.strategy", "range,roundrobin");
-        if config.get("session.timeout.ms").is_none() {
-            config.set("session.timeout.ms", DEFAULT_SESSION_TIMEOUT_MS);
-        }
-        if config.get("statistics.interval.ms").is_none() {
-            // The consumer lag gauge is sampled from these, on the intake thread.
-            config.set("statistics.interval.ms", LAG_SAMPLE_EVERY_MS);
-        }
+        let config = consumer_config(&self.kafka, &self.spec.group_id());
         let consumer_error = |message: String| WorkerError::Consumer {
             binding: self.binding_id.clone(),
             topics: self.spec.topics.clone(),
@@ -536,9 +534,17 @@ impl Worker {
         };
 
         let mut coordinator = Coordinator::new(&self, consumer.clone(), breaker_pause, metrics);
+        // Reports are taken from the channel in runs: the bookkeeping after them (commit,
+        // replays, breaker, dispatch) then runs once per run, not once per message.
+        let mut dones: Vec<Done> = Vec::with_capacity(DONES_PER_TURN);
+        // Two timers for the whole loop, moved only when their deadline changes: a fresh
+        // `Sleep` per turn would register with and leave the timer wheel once per message.
+        let mut linger_timer = Timer::new();
+        let mut wake_timer = Timer::new();
         loop {
             let linger = coordinator.commit_deadline();
-            let wake = coordinator.next_wake();
+            linger_timer.set(linger);
+            wake_timer.set(Some(coordinator.next_wake()));
             tokio::select! {
                 biased;
                 changed = shutdown.changed() => {
@@ -547,13 +553,19 @@ impl Worker {
                     }
                 }
                 Some(event) = control.recv() => coordinator.on_control(event).await,
-                Some(done) = coordinator.done_rx.recv() => coordinator.on_done(done).await,
+                taken = coordinator.done_rx.recv_many(&mut dones, DONES_PER_TURN) => {
+                    if taken > 0 {
+                        for done in dones.drain(..) {
+                            coordinator.on_done(done).await;
+                        }
+                    }
+                }
                 batch = batches.recv(), if coordinator.has_room() => match batch {
                     Some(batch) => coordinator.on_batch(batch),
                     None => break,
                 },
-                _ = sleep_until(linger), if linger.is_some() => coordinator.start_commit(),
-                _ = sleep_until(Some(wake)) => {}
+                () = linger_timer.wait(), if linger.is_some() => coordinator.start_commit(),
+                () = wake_timer.wait() => {}
             }
             // Commit at once when the batch is full, or when no invocation is running that
             // could still join it (waiting out the linger would only add latency). While a
@@ -616,10 +628,66 @@ impl Worker {
     }
 }
 
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
-        None => std::future::pending().await,
+/// The binding's consumer configuration: the host's client settings, the group, and what the
+/// pipeline relies on (offsets stored by the coordinator only, eager rebalancing), plus
+/// defaults of Weir's own where the operator set none.
+fn consumer_config(kafka: &ClientConfig, group_id: &str) -> ClientConfig {
+    let mut config = kafka.clone();
+    config
+        .set("group.id", group_id)
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        // Eager rebalancing: a revocation takes every partition, and the drain in `Worker::run`
+        // is written for that. The cooperative protocol is not supported.
+        .set("partition.assignment.strategy", "range,roundrobin");
+    let defaults = [
+        ("session.timeout.ms", DEFAULT_SESSION_TIMEOUT_MS),
+        // librdkafka stops fetching a partition for this long once its local queue is over the
+        // thresholds, which happens whenever the pipeline is behind: with its default (1 s) the
+        // queue then runs dry and the binding idles for most of a second.
+        ("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS),
+        // The consumer lag gauge is sampled from these, on the intake thread.
+        ("statistics.interval.ms", LAG_SAMPLE_EVERY_MS),
+    ];
+    for (name, value) in defaults {
+        if config.get(name).is_none() {
+            config.set(name, value);
+        }
+    }
+    config
+}
+
+/// A timer the coordinator keeps for its whole run: re-armed only when its deadline changes.
+struct Timer {
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    deadline: Option<Instant>,
+}
+
+impl Timer {
+    fn new() -> Self {
+        Self {
+            sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            deadline: None,
+        }
+    }
+
+    /// Fire at `deadline`; never, for `None`.
+    fn set(&mut self, deadline: Option<Instant>) {
+        if deadline != self.deadline {
+            self.deadline = deadline;
+            if let Some(deadline) = deadline {
+                self.sleep.as_mut().reset(deadline.into());
+            }
+        }
+    }
+
+    /// Wait for the deadline (forever without one).
+    async fn wait(&mut self) {
+        match self.deadline {
+            Some(_) => self.sleep.as_mut().await,
+            None => std::future::pending().await,
+        }
     }
 }
 
@@ -643,6 +711,10 @@ struct Coordinator {
     offsets: PartitionOffsets<Part>,
     tickets: HashMap<u64, Ticket<Pending, Part>, foldhash::fast::RandomState>,
     next_slot: u64,
+    /// The slots a dispatch round starts (kept for its capacity).
+    starting: Vec<u64>,
+    /// Worker threads of the runtime: the most tasks a dispatch round's invocations run on.
+    workers: usize,
     batch: Vec<(u64, Completion)>,
     batch_started: Option<Instant>,
     done_tx: mpsc::UnboundedSender<Done>,
@@ -699,6 +771,20 @@ struct Coordinator {
     rate_wait_until: Option<Instant>,
     /// Since when dispatch has been waiting for the bucket (for the wait-time metric).
     rate_waiting_since: Option<Instant>,
+}
+
+/// Run a share of the invocations [`Coordinator::start`] started, concurrently (one waiting in
+/// a host call does not hold up the others). Yields to the runtime once it has run for
+/// [`SHARE_SLICE`] without a pause, so that a share of slow handlers cannot keep the coordinator
+/// or other bindings from a worker for longer than one invocation.
+async fn run_share<F: Future<Output = ()>>(mut share: FuturesUnordered<F>) {
+    let mut slice = Instant::now();
+    while share.next().await.is_some() {
+        if slice.elapsed() >= SHARE_SLICE {
+            tokio::task::yield_now().await;
+            slice = Instant::now();
+        }
+    }
 }
 
 /// Write the handler's log lines (its `log` import, stdout, stderr) to the host's log, inside
@@ -872,6 +958,11 @@ impl Coordinator {
             offsets: PartitionOffsets::default(),
             tickets: HashMap::default(),
             next_slot: 0,
+            starting: Vec::new(),
+            workers: tokio::runtime::Handle::current()
+                .metrics()
+                .num_workers()
+                .max(1),
             batch: Vec::new(),
             batch_started: None,
             done_tx,
@@ -1159,6 +1250,15 @@ impl Coordinator {
     /// one; while half-open, as many probes as it admits (parked messages first); while open,
     /// nothing.
     fn dispatch(&mut self) {
+        let mut slots = std::mem::take(&mut self.starting);
+        self.select_ready(&mut slots);
+        self.start(&slots);
+        slots.clear();
+        self.starting = slots;
+    }
+
+    /// Put in `slots` the messages that may start now (see [`Self::dispatch`]).
+    fn select_ready(&mut self, slots: &mut Vec<u64>) {
         if self.draining.is_some() || self.store_backoff > Duration::ZERO {
             return;
         }
@@ -1170,7 +1270,7 @@ impl Coordinator {
                 return;
             }
             self.parked.pop_front();
-            self.spawn_invocation(slot);
+            slots.push(slot);
         }
         loop {
             let admission = self.breaker.admit(now);
@@ -1207,7 +1307,7 @@ impl Coordinator {
             if let Admission::Probe(token) = admission {
                 self.probes.insert(slot, token);
             }
-            self.spawn_invocation(slot);
+            slots.push(slot);
         }
     }
 
@@ -1447,9 +1547,41 @@ impl Coordinator {
     /// Run the message of `slot` on the handler version active now; the invocation keeps that
     /// version to its end, whatever is swapped in meanwhile.
     fn spawn_invocation(&mut self, slot: u64) {
-        let Some(ticket) = self.tickets.get(&slot) else {
+        self.start(&[slot]);
+    }
+
+    /// Start the messages of `slots`. They run on at most as many tasks as the runtime has
+    /// workers, each task running its share concurrently: a task per message would cost a
+    /// spawn, a wake-up of another worker and a task's bookkeeping for every message.
+    fn start(&mut self, slots: &[u64]) {
+        if slots.is_empty() {
             return;
-        };
+        }
+        let mut invocations = Vec::with_capacity(slots.len());
+        for &slot in slots {
+            if let Some(invocation) = self.invocation(slot) {
+                invocations.push(invocation);
+            }
+        }
+        let tasks = self.workers.min(invocations.len()).max(1);
+        let per_task = invocations.len().div_ceil(tasks);
+        let mut invocations = invocations.into_iter();
+        for _ in 0..tasks {
+            let share: FuturesUnordered<_> = invocations.by_ref().take(per_task).collect();
+            if share.is_empty() {
+                break;
+            }
+            tokio::spawn(run_share(share));
+        }
+    }
+
+    /// The invocation of the message of `slot`, reporting its outcome on the coordinator's
+    /// channel when it ends.
+    fn invocation(
+        &mut self,
+        slot: u64,
+    ) -> Option<tracing::instrument::Instrumented<impl Future<Output = ()> + Send + 'static>> {
+        let ticket = self.tickets.get(&slot)?;
         let message = ticket.message().message.clone();
         let replay_of = ticket.message().replay_of;
         self.running += 1;
@@ -1599,10 +1731,7 @@ impl Coordinator {
             };
             let _ = done.send(report);
         };
-        match span {
-            Some(span) => tokio::spawn(task.instrument(span)),
-            None => tokio::spawn(task),
-        };
+        Some(task.instrument(span.unwrap_or_else(tracing::Span::none)))
     }
 
     async fn on_done(&mut self, done: Done) {
@@ -2027,6 +2156,24 @@ impl Coordinator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_consumer_fetches_again_soon_after_its_queue_was_full_unless_told_otherwise() {
+        let config = consumer_config(&ClientConfig::new(), "weir.b");
+        assert_eq!(config.get("fetch.queue.backoff.ms"), Some("10"));
+        assert_eq!(config.get("group.id"), Some("weir.b"));
+        assert_eq!(config.get("enable.auto.offset.store"), Some("false"));
+        let mut operator = ClientConfig::new();
+        operator
+            .set("fetch.queue.backoff.ms", "250")
+            .set("session.timeout.ms", "10000")
+            .set("enable.auto.offset.store", "true");
+        let config = consumer_config(&operator, "weir.b");
+        assert_eq!(config.get("fetch.queue.backoff.ms"), Some("250"));
+        assert_eq!(config.get("session.timeout.ms"), Some("10000"));
+        // What the pipeline relies on is not the operator's to change.
+        assert_eq!(config.get("enable.auto.offset.store"), Some("false"));
+    }
 
     fn deadline_trap() -> Outcome {
         Outcome::Trap {
