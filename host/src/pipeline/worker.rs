@@ -1018,6 +1018,9 @@ impl Coordinator {
     }
 
     fn topic_index(&self, topic: &str) -> u16 {
+        if self.topics.len() == 1 {
+            return 0;
+        }
         self.topics.iter().position(|t| t == topic).unwrap_or(0) as u16
     }
 
@@ -1029,6 +1032,7 @@ impl Coordinator {
             );
             return;
         }
+        let mut consumed = 0;
         for mut message in batch.messages {
             message.tenant.clone_from(&self.spec.tenant);
             let part = (self.topic_index(&message.topic), message.partition as i32);
@@ -1037,17 +1041,20 @@ impl Coordinator {
                 tracing::debug!(error = %e, "offset not tracked (redelivery after a rebalance)");
                 continue;
             }
-            self.metrics.consumed.inc();
-            let key = message.key.clone();
+            consumed += 1;
+            let message = Arc::new(message);
+            // A second handle on the message lends the scheduler its key: no copy of it.
+            let keyed = message.clone();
             let pending = Pending {
-                message: Arc::new(message),
+                message,
                 part,
                 offset,
                 first_failure: None,
                 replay_of: None,
             };
-            self.scheduler.push(part, key.as_deref(), pending);
+            self.scheduler.push(part, keyed.key.as_deref(), pending);
         }
+        self.metrics.consumed.inc_by(consumed);
     }
 
     async fn on_control(&mut self, event: Control) {
@@ -1557,21 +1564,19 @@ impl Coordinator {
         if slots.is_empty() {
             return;
         }
-        let mut invocations = Vec::with_capacity(slots.len());
-        for &slot in slots {
-            if let Some(invocation) = self.invocation(slot) {
-                invocations.push(invocation);
+        // Each invocation's future (over a kilobyte) is made in place in its task's set, not
+        // gathered first: every move of it is a copy.
+        let tasks = self.workers.min(slots.len());
+        for share in slots.chunks(slots.len().div_ceil(tasks)) {
+            let invocations = FuturesUnordered::new();
+            for &slot in share {
+                if let Some(invocation) = self.invocation(slot) {
+                    invocations.push(invocation);
+                }
             }
-        }
-        let tasks = self.workers.min(invocations.len()).max(1);
-        let per_task = invocations.len().div_ceil(tasks);
-        let mut invocations = invocations.into_iter();
-        for _ in 0..tasks {
-            let share: FuturesUnordered<_> = invocations.by_ref().take(per_task).collect();
-            if share.is_empty() {
-                break;
+            if !invocations.is_empty() {
+                tokio::spawn(run_share(invocations));
             }
-            tokio::spawn(run_share(share));
         }
     }
 

@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -47,6 +48,8 @@ pub(crate) struct HostState {
     pub(crate) call: CallState,
     pub(crate) deadline: Instant,
     config: Arc<RuntimeConfig>,
+    /// The last invocation's key buffer, reused for the next one's key.
+    spare_key: Option<Vec<u8>>,
 }
 
 /// What one invocation has done so far.
@@ -102,6 +105,7 @@ impl HostState {
             call: CallState::default(),
             deadline: Instant::now(),
             config,
+            spare_key: None,
         }
     }
 
@@ -111,9 +115,15 @@ impl HostState {
     }
 
     /// Prepare for an invocation of `key` under `context`.
-    pub(crate) fn begin(&mut self, key: Option<Vec<u8>>, context: InvocationContext) {
+    pub(crate) fn begin(&mut self, key: Option<&[u8]>, context: InvocationContext) {
         self.http_hooks.gate = context.http.clone();
         self.http_hooks.deadline = None;
+        let key = key.map(|key| {
+            let mut buffer = self.spare_key.take().unwrap_or_default();
+            buffer.clear();
+            buffer.extend_from_slice(key);
+            buffer
+        });
         self.call = CallState {
             key,
             context: Some(context),
@@ -132,6 +142,7 @@ impl HostState {
     pub(crate) fn finish(&mut self) -> CallState {
         self.http_hooks.gate = None;
         let mut call = std::mem::take(&mut self.call);
+        self.spare_key = call.key.take();
         for (output, source, level) in [
             (&self.stdout, LogSource::Stdout, LogLevel::Info),
             (&self.stderr, LogSource::Stderr, LogLevel::Warn),
@@ -456,6 +467,9 @@ impl config::Host for HostState {
 #[derive(Clone)]
 pub(crate) struct GuestOutput {
     inner: Arc<Mutex<OutputBuf>>,
+    /// Something was appended since the last `take` or `clear`: most invocations write
+    /// nothing, and then neither takes the lock.
+    written: Arc<AtomicBool>,
 }
 
 struct OutputBuf {
@@ -472,6 +486,7 @@ impl GuestOutput {
                 cap,
                 truncated: false,
             })),
+            written: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -483,15 +498,23 @@ impl GuestOutput {
         }
         let take = data.len().min(room);
         buf.bytes.extend_from_slice(&data[..take]);
+        // Set under the lock, so a `take` that sees it also sees what was appended.
+        self.written.store(true, Ordering::Release);
     }
 
     fn clear(&self) {
+        if !self.written.swap(false, Ordering::AcqRel) {
+            return;
+        }
         let mut buf = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         buf.bytes.clear();
         buf.truncated = false;
     }
 
     fn take(&self) -> (Vec<u8>, bool) {
+        if !self.written.swap(false, Ordering::AcqRel) {
+            return (Vec::new(), false);
+        }
         let mut buf = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let truncated = std::mem::take(&mut buf.truncated);
         (std::mem::take(&mut buf.bytes), truncated)
@@ -559,6 +582,21 @@ impl tokio::io::AsyncWrite for GuestOutput {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guest_output_is_taken_once_and_cleared_between_invocations() {
+        let output = GuestOutput::new(8);
+        assert_eq!(output.take(), (Vec::new(), false));
+        output.append(b"hello ");
+        output.append(b"world");
+        assert_eq!(output.take(), (b"hello wo".to_vec(), true));
+        assert_eq!(output.take(), (Vec::new(), false));
+        output.append(b"left over");
+        output.clear();
+        assert_eq!(output.take(), (Vec::new(), false));
+        output.append(b"next");
+        assert_eq!(output.take(), (b"next".to_vec(), false));
+    }
 
     #[test]
     fn truncation_respects_char_boundaries() {

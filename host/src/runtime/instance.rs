@@ -182,7 +182,7 @@ impl HandlerInstance {
             .unwrap_or_else(|| self.store.data().config().deadline());
         {
             let data = self.store.data_mut();
-            data.begin(message.key.clone(), context.clone());
+            data.begin(message.key.as_deref(), context.clone());
             data.deadline = started + deadline;
             data.set_http_deadline(started + deadline);
         }
