@@ -2079,8 +2079,7 @@ impl Coordinator {
                 self.metrics.commit_batch.observe(outcomes.len() as f64);
                 self.metrics.duplicate.inc_by(duplicates as u64);
                 self.metrics.ok.inc_by((outcomes.len() - duplicates) as u64);
-                self.observe_end_to_end(&slots);
-                self.release_all(&slots);
+                self.release_all(&slots, Some(Utc::now().timestamp_millis()));
                 if !self.batch.is_empty() {
                     self.start_commit();
                 }
@@ -2104,38 +2103,29 @@ impl Coordinator {
         }
     }
 
-    /// Observe the end-to-end latency of the committed messages of `slots` that carry a
-    /// timestamp (replays excepted: their timestamp is their first delivery's).
-    fn observe_end_to_end(&self, slots: &[u64]) {
-        let now_ms = Utc::now().timestamp_millis();
-        for slot in slots {
-            let Some(ticket) = self.tickets.get(slot) else {
-                continue;
-            };
-            let pending = ticket.message();
-            if pending.replay_of.is_some() {
-                continue;
-            }
-            if let Some(timestamp) = pending.message.timestamp_ms {
-                let elapsed_ms = now_ms.saturating_sub(timestamp).max(0);
-                self.metrics.end_to_end.observe(elapsed_ms as f64 / 1000.0);
-            }
-        }
-    }
-
     /// A message is done (dead-lettered): free its key, complete its offset.
     fn release(&mut self, slot: u64) {
-        self.release_all(&[slot]);
+        self.release_all(&[slot], None);
     }
 
     /// Messages are done: free their keys, complete their offsets, store the new watermarks
-    /// (one call for all of them).
-    fn release_all(&mut self, slots: &[u64]) {
+    /// (one call for all of them). With `committed_at` (milliseconds since the epoch) they committed then: each one's
+    /// end-to-end latency is observed, from its record's timestamp (not for replays, whose
+    /// timestamp is their first delivery's).
+    fn release_all(&mut self, slots: &[u64], committed_at: Option<i64>) {
         for slot in slots {
             let Some(ticket) = self.tickets.remove(slot) else {
                 continue;
             };
             let pending = self.scheduler.finish(ticket);
+            if let (Some(now_ms), None, Some(timestamp)) = (
+                committed_at,
+                pending.replay_of,
+                pending.message.timestamp_ms,
+            ) {
+                let elapsed_ms = now_ms.saturating_sub(timestamp).max(0);
+                self.metrics.end_to_end.observe(elapsed_ms as f64 / 1000.0);
+            }
             if let Some(entry) = pending.replay_of {
                 // Not a record of the assignment: no offset to complete.
                 self.replays.remove(&entry);
