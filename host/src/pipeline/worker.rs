@@ -4,8 +4,8 @@
 //! Owns the binding's consumer (polled on a dedicated OS thread by [`super::intake`], so
 //! librdkafka's rebalance callbacks may block for the drain without blocking the async
 //! executor), the coordinator task that drives the pure core ([`KeyScheduler`],
-//! [`PartitionOffsets`], [`RetryPolicy`](super::RetryPolicy)), the invocation tasks, and the
-//! group commit. Knows nothing of SQL (it talks to [`Store`]) nor of how components are loaded
+//! [`PartitionOffsets`], [`RetryPolicy`](super::RetryPolicy)), the invocation tasks (a dispatch
+//! round's messages shared over at most one task per runtime worker), and the group commit. Knows nothing of SQL (it talks to [`Store`]) nor of how components are loaded
 //! (it is given a [`HandlerSlot`] of compiled [`HandlerPool`](crate::runtime::HandlerPool)s).
 //!
 //! Order of events for one message: received → offset tracked → queued → dispatched when its
@@ -2109,9 +2109,9 @@ impl Coordinator {
     }
 
     /// Messages are done: free their keys, complete their offsets, store the new watermarks
-    /// (one call for all of them). With `committed_at` (milliseconds since the epoch) they committed then: each one's
-    /// end-to-end latency is observed, from its record's timestamp (not for replays, whose
-    /// timestamp is their first delivery's).
+    /// (one call for all of them). With `committed_at` (milliseconds since the epoch), they
+    /// committed then: each one's end-to-end latency is observed from its record's timestamp
+    /// (not a replay's, whose timestamp is its first delivery's).
     fn release_all(&mut self, slots: &[u64], committed_at: Option<i64>) {
         for slot in slots {
             let Some(ticket) = self.tickets.remove(slot) else {
