@@ -52,6 +52,9 @@ pub(crate) struct HostState {
     spare_key: Option<Vec<u8>>,
 }
 
+/// Largest key buffer kept for the next invocation's key.
+const SPARE_KEY_MAX_BYTES: usize = 4096;
+
 /// What one invocation has done so far.
 #[derive(Default)]
 pub(crate) struct CallState {
@@ -142,7 +145,11 @@ impl HostState {
     pub(crate) fn finish(&mut self) -> CallState {
         self.http_hooks.gate = None;
         let mut call = std::mem::take(&mut self.call);
-        self.spare_key = call.key.take();
+        // An unusually large key's buffer is not kept for the instance's lifetime.
+        self.spare_key = call
+            .key
+            .take()
+            .filter(|key| key.capacity() <= SPARE_KEY_MAX_BYTES);
         for (output, source, level) in [
             (&self.stdout, LogSource::Stdout, LogLevel::Info),
             (&self.stderr, LogSource::Stderr, LogLevel::Warn),
