@@ -553,11 +553,9 @@ impl Worker {
                     }
                 }
                 Some(event) = control.recv() => coordinator.on_control(event).await,
-                taken = coordinator.done_rx.recv_many(&mut dones, DONES_PER_TURN) => {
-                    if taken > 0 {
-                        for done in dones.drain(..) {
-                            coordinator.on_done(done).await;
-                        }
+                _ = coordinator.done_rx.recv_many(&mut dones, DONES_PER_TURN) => {
+                    for done in dones.drain(..) {
+                        coordinator.on_done(done).await;
                     }
                 }
                 batch = batches.recv(), if coordinator.has_room() => match batch {
@@ -930,7 +928,7 @@ impl Coordinator {
             output_topics: OutputTopics::Only(Arc::new(
                 spec.output_topics.iter().cloned().collect(),
             )),
-            // Replaced per invocation by a fresh `StoreState` (see `spawn_invocation`).
+            // Replaced per invocation by a fresh `StoreState` (see `Coordinator::invocation`).
             state: Arc::new(crate::runtime::MemoryState::new()),
             deadline: spec.deadline_ms.map(Duration::from_millis),
             http: http_gate(
@@ -1362,7 +1360,7 @@ impl Coordinator {
     /// Run the message of `slot` again when the breaker lets it (at once if it does now).
     fn rerun(&mut self, slot: u64) {
         if self.admit(slot, Instant::now()) {
-            self.spawn_invocation(slot);
+            self.start(&[slot]);
         } else {
             self.park(slot);
         }
@@ -1551,12 +1549,6 @@ impl Coordinator {
         }
     }
 
-    /// Run the message of `slot` on the handler version active now; the invocation keeps that
-    /// version to its end, whatever is swapped in meanwhile.
-    fn spawn_invocation(&mut self, slot: u64) {
-        self.start(&[slot]);
-    }
-
     /// Start the messages of `slots`. They run on at most as many tasks as the runtime has
     /// workers, each task running its share concurrently: a task per message would cost a
     /// spawn, a wake-up of another worker and a task's bookkeeping for every message.
@@ -1580,8 +1572,9 @@ impl Coordinator {
         }
     }
 
-    /// The invocation of the message of `slot`, reporting its outcome on the coordinator's
-    /// channel when it ends.
+    /// The invocation of the message of `slot`, on the handler version active now (it keeps
+    /// that version to its end, whatever is swapped in meanwhile), reporting its outcome on the
+    /// coordinator's channel when it ends.
     fn invocation(
         &mut self,
         slot: u64,
