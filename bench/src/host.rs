@@ -49,13 +49,22 @@ pub fn check_component(component: &[u8]) -> anyhow::Result<()> {
 }
 
 /// The host's configuration: every default (or a `WEIR_*` override from the environment),
-/// with the run's broker and store, and the health endpoint on a free loopback port.
-pub fn config(kafka: &str, store_url: &str) -> anyhow::Result<WeirConfig> {
+/// with the run's broker and store, `overrides` added to `kafka.client_overrides`, and the
+/// health endpoint on a free loopback port.
+pub fn config(
+    kafka: &str,
+    store_url: &str,
+    overrides: &[(String, String)],
+) -> anyhow::Result<WeirConfig> {
     let mut config =
         WeirConfig::load(None, std::env::vars()).context("invalid WEIR_* environment")?;
     config.store.url = store_url.to_owned();
     config.kafka.bootstrap_servers = kafka.to_owned();
     config.server.listen = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+    config
+        .kafka
+        .client_overrides
+        .extend(overrides.iter().cloned());
     config
         .validate()
         .context("invalid host configuration for the benchmark")?;

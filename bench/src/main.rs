@@ -51,6 +51,10 @@ const DEFAULT_SEED_MESSAGES: u64 = 5_000;
 const DEFAULT_RATE: u64 = 10_000;
 /// Length of the latency phase by default, seconds.
 const DEFAULT_LATENCY_SECS: u64 = 10;
+/// Seconds of the offered load sent before the latency phase measures, by default.
+const DEFAULT_LATENCY_WARMUP_SECS: u64 = 1;
+/// `linger.ms` of the latency phase's producer by default: librdkafka's own default.
+const DEFAULT_PRODUCER_LINGER_MS: u64 = 5;
 
 /// `--smoke`: counts small enough that the whole run takes seconds.
 const SMOKE_MESSAGES: u64 = 2_000;
@@ -111,6 +115,18 @@ struct Args {
     /// Length of the latency phase, seconds [default: 10; smoke: 2].
     #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=3_600))]
     latency_secs: Option<u64>,
+    /// Seconds of the offered load sent, and not measured, before the latency phase measures
+    /// [default: 1].
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(0..=600))]
+    latency_warmup_secs: Option<u64>,
+    /// `linger.ms` of the latency phase's producer; its wait counts in the latency [default: 5,
+    /// librdkafka's own].
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(0..=1_000))]
+    producer_linger_ms: Option<u64>,
+    /// A librdkafka property for the host's consumers and producers, as the host's
+    /// `kafka.client_overrides` sets it (repeatable), e.g. `--kafka-override fetch.min.bytes=1024`.
+    #[arg(long, value_name = "KEY=VALUE", value_parser = parse_override)]
+    kafka_override: Vec<(String, String)>,
     /// Messages of the I/O-bound phase, key-ordered run [default: 20000; smoke: 200]; the
     /// partition-sequential run handles a twentieth (at least 20).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
@@ -149,6 +165,12 @@ pub struct Plan {
     pub rate: u64,
     /// Length of the latency phase, seconds.
     pub latency_secs: u64,
+    /// Seconds of offered load before the latency phase measures.
+    pub latency_warmup_secs: u64,
+    /// `linger.ms` of the latency phase's producer.
+    pub producer_linger_ms: u64,
+    /// librdkafka properties set on the host's clients (`kafka.client_overrides`).
+    pub kafka_overrides: Vec<(String, String)>,
     /// Messages of the I/O-bound phase's key-ordered run.
     pub io_messages: u64,
     /// Messages of its partition-sequential run.
@@ -185,6 +207,13 @@ impl Plan {
             .min(messages),
             rate: pick(args.rate, SMOKE_RATE, DEFAULT_RATE),
             latency_secs: pick(args.latency_secs, SMOKE_LATENCY_SECS, DEFAULT_LATENCY_SECS),
+            latency_warmup_secs: args
+                .latency_warmup_secs
+                .unwrap_or(DEFAULT_LATENCY_WARMUP_SECS),
+            producer_linger_ms: args
+                .producer_linger_ms
+                .unwrap_or(DEFAULT_PRODUCER_LINGER_MS),
+            kafka_overrides: args.kafka_override.clone(),
             io_messages: pick(args.io_messages, SMOKE_IO_MESSAGES, DEFAULT_IO_MESSAGES),
             io_sequential_messages: match args.io_messages {
                 Some(n) => (n / 20).max(20),
@@ -198,6 +227,16 @@ impl Plan {
             }),
             smoke,
         }
+    }
+}
+
+/// One `--kafka-override`: `KEY=VALUE`, neither side empty.
+fn parse_override(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() && !value.is_empty() => {
+            Ok((key.trim().to_owned(), value.to_owned()))
+        }
+        _ => Err(format!("expected KEY=VALUE, got {text:?}")),
     }
 }
 
@@ -337,7 +376,7 @@ async fn run(args: Args) -> anyhow::Result<Report> {
 
 async fn phases(plan: &Plan, bench: &mut Bench) -> anyhow::Result<Report> {
     let settings = bench.schema.settings().await?;
-    let config = host::config(&bench.kafka, &bench.schema.url)?;
+    let config = host::config(&bench.kafka, &bench.schema.url, &plan.kafka_overrides)?;
     progress(format_args!(
         "{} messages of {} B over {} keys, {} partitions; store schema {}{}",
         plan.messages,
@@ -406,6 +445,32 @@ mod tests {
         let mut argv = vec!["weir-bench"];
         argv.extend_from_slice(args);
         Plan::from_args(&Args::parse_from(argv))
+    }
+
+    #[test]
+    fn kafka_overrides_are_key_value_pairs() {
+        let plan = parse(&[
+            "--kafka-override",
+            "fetch.min.bytes=1024",
+            "--kafka-override",
+            "client.id=a=b",
+        ]);
+        assert_eq!(
+            plan.kafka_overrides,
+            vec![
+                ("fetch.min.bytes".to_owned(), "1024".to_owned()),
+                ("client.id".to_owned(), "a=b".to_owned()),
+            ]
+        );
+        for bad in ["fetch.min.bytes", "=1", "fetch.min.bytes="] {
+            assert!(
+                Args::try_parse_from(["weir-bench", "--kafka-override", bad]).is_err(),
+                "{bad}"
+            );
+        }
+        let plan = parse(&[]);
+        assert_eq!(plan.producer_linger_ms, DEFAULT_PRODUCER_LINGER_MS);
+        assert_eq!(plan.latency_warmup_secs, DEFAULT_LATENCY_WARMUP_SECS);
     }
 
     #[test]

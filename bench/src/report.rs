@@ -244,9 +244,14 @@ impl Report {
         let latency = &self.latency;
         let _ = writeln!(
             out,
-            "\nlatency, produce → effects committed ({} msg/s offered for {} s, {} messages; \
-             commit time = {}):",
-            latency.offered_rate, latency.seconds, latency.messages, latency.commit_time
+            "\nlatency, produce → effects committed ({} msg/s offered for {} s, {} messages, \
+             after {} warm-up messages at that rate; producer linger {} ms; commit time = {}):",
+            latency.offered_rate,
+            latency.seconds,
+            latency.messages,
+            latency.warmup_load_messages,
+            latency.producer_linger_ms,
+            latency.commit_time
         );
         let _ = writeln!(
             out,

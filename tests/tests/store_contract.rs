@@ -472,6 +472,46 @@ async fn duplicates_within_one_batch_keep_the_first(store: &dyn Store) {
     assert_eq!(store.outbox_pending().await.unwrap(), 2);
 }
 
+async fn batches_of_processed_keys_alone_commit_each_message_once(store: &dyn Store) {
+    // Messages whose handler did nothing but succeed: the batch writes processed keys only.
+    let bare = |id: &str| completion(id, "customer-7", vec![], &[]);
+    assert_eq!(
+        store.commit(&[bare("k1"), bare("k2")]).await.unwrap(),
+        vec![Committed, Committed]
+    );
+    // Redelivered beside new ones, one of them twice in the batch.
+    assert_eq!(
+        store
+            .commit(&[bare("k2"), bare("k3"), bare("k3"), bare("k1"), bare("k4")])
+            .await
+            .unwrap(),
+        vec![Duplicate, Committed, Duplicate, Duplicate, Committed]
+    );
+    assert_eq!(
+        store.commit(&[bare("k3"), bare("k4")]).await.unwrap(),
+        vec![Duplicate, Duplicate]
+    );
+    // A message committed bare, delivered again with effects: the effects do not land.
+    let with_effects = completion("k1", "customer-7", vec![set("total", "1")], &["k1-out-0"]);
+    assert_eq!(
+        store.commit(&[with_effects, bare("k5")]).await.unwrap(),
+        vec![Duplicate, Committed]
+    );
+    assert_eq!(state(store, "customer-7", "total").await, None);
+    assert_eq!(store.outbox_status("k1-out-0").await.unwrap(), None);
+    // And the other way round: committed with effects, delivered again bare.
+    let first = completion("k6", "customer-7", vec![set("total", "6")], &[]);
+    assert_eq!(store.commit(&[first]).await.unwrap(), vec![Committed]);
+    assert_eq!(
+        store.commit(&[bare("k6"), bare("k7")]).await.unwrap(),
+        vec![Duplicate, Committed]
+    );
+    assert_eq!(
+        state(store, "customer-7", "total").await.as_deref(),
+        Some("6")
+    );
+}
+
 async fn state_writes_apply_in_order(store: &dyn Store) {
     let seed = completion(
         "m0",
@@ -2018,6 +2058,7 @@ contract!(
     commit_writes_state_and_outbox_rows,
     a_message_committed_twice_takes_effect_once,
     duplicates_within_one_batch_keep_the_first,
+    batches_of_processed_keys_alone_commit_each_message_once,
     state_writes_apply_in_order,
     a_batch_of_a_thousand_commits_in_one_call,
     outbox_claim_mark_sent_and_mark_error,

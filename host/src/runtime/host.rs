@@ -510,7 +510,9 @@ impl GuestOutput {
     }
 
     fn clear(&self) {
-        if !self.written.swap(false, Ordering::AcqRel) {
+        // A plain load first: the usual invocation writes nothing, and a swap would cost a
+        // locked instruction on every call.
+        if !self.written.load(Ordering::Acquire) || !self.written.swap(false, Ordering::AcqRel) {
             return;
         }
         let mut buf = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
@@ -519,7 +521,7 @@ impl GuestOutput {
     }
 
     fn take(&self) -> (Vec<u8>, bool) {
-        if !self.written.swap(false, Ordering::AcqRel) {
+        if !self.written.load(Ordering::Acquire) || !self.written.swap(false, Ordering::AcqRel) {
             return (Vec::new(), false);
         }
         let mut buf = self.inner.lock().unwrap_or_else(PoisonError::into_inner);

@@ -59,6 +59,14 @@ pub(crate) fn processed_keys(batch: &[Completion]) -> Vec<ProcessedKey<'_>> {
     keys
 }
 
+/// Whether committing the batch writes nothing but its processed keys: no keyed state, no
+/// outbox rows, no replayed DLQ entries.
+pub(crate) fn writes_only_keys(batch: &[Completion]) -> bool {
+    batch
+        .iter()
+        .all(|c| c.state_writes.is_empty() && c.emits.is_empty() && c.replay_of.is_none())
+}
+
 /// The DLQ entries the batch replays, as `(entry id, binding_id)`, distinct and sorted: the
 /// commit marks them replayed whether each completion commits or is a duplicate (the message's
 /// effects are in the store either way).
