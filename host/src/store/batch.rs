@@ -244,6 +244,33 @@ mod tests {
     }
 
     #[test]
+    fn only_a_batch_without_state_outbox_or_replays_writes_keys_alone() {
+        let bare = completion("m1", &[], &[]);
+        assert!(writes_only_keys(&[]));
+        assert!(writes_only_keys(&[
+            bare.clone(),
+            completion("m2", &[], &[])
+        ]));
+        assert!(!writes_only_keys(&[
+            bare.clone(),
+            completion("m2", &[("a", Some("1"))], &[])
+        ]));
+        assert!(!writes_only_keys(&[
+            bare.clone(),
+            completion("m2", &[("a", None)], &[])
+        ]));
+        assert!(!writes_only_keys(&[
+            bare.clone(),
+            completion("m2", &[], &["e"])
+        ]));
+        let replay = Completion {
+            replay_of: Some(7),
+            ..completion("m2", &[], &[])
+        };
+        assert!(!writes_only_keys(&[bare, replay]));
+    }
+
+    #[test]
     fn first_occurrence_wins_and_later_writes_override_earlier_ones() {
         let batch = vec![
             completion("m1", &[("a", Some("1")), ("b", Some("x"))], &["e1"]),
