@@ -155,7 +155,8 @@ impl Deployment {
 /// A running host.
 pub struct Host {
     shutdown: CancellationToken,
-    task: JoinHandle<Result<(), ServeError>>,
+    /// `None` once the host stopped by itself and [`Host::check`] reported it.
+    task: Option<JoinHandle<Result<(), ServeError>>>,
 }
 
 impl Host {
@@ -163,34 +164,54 @@ impl Host {
     pub fn start(config: &WeirConfig) -> Self {
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(weir::serve::serve(config.clone(), shutdown.clone()));
-        Self { shutdown, task }
+        Self {
+            shutdown,
+            task: Some(task),
+        }
     }
 
-    /// An error if the host has stopped by itself.
+    /// An error if the host has stopped by itself (reported once; later calls say only that it
+    /// stopped).
     pub async fn check(&mut self) -> anyhow::Result<()> {
-        if !self.task.is_finished() {
-            return Ok(());
-        }
-        match (&mut self.task).await {
-            Ok(Ok(())) => bail!("weir serve stopped by itself"),
-            Ok(Err(e)) => Err(anyhow!(e).context("weir serve failed")),
-            Err(e) => Err(anyhow!(e).context("weir serve panicked")),
+        match self.task.take_if(|task| task.is_finished()) {
+            Some(task) => match task.await {
+                Ok(Ok(())) => bail!("weir serve stopped by itself"),
+                joined => served(joined),
+            },
+            None if self.task.is_none() => bail!("weir serve has stopped"),
+            None => Ok(()),
         }
     }
 
-    /// Drain and stop the host.
+    /// Drain and stop the host. A host that stopped by itself and was reported by
+    /// [`Host::check`] has nothing left to stop.
     pub async fn stop(mut self) -> anyhow::Result<()> {
-        self.check().await?;
+        let Some(mut task) = self.task.take() else {
+            return Ok(());
+        };
+        if task.is_finished() {
+            return match task.await {
+                Ok(Ok(())) => bail!("weir serve stopped by itself"),
+                joined => served(joined),
+            };
+        }
         self.shutdown.cancel();
-        match tokio::time::timeout(STOP_TIMEOUT, &mut self.task).await {
+        match tokio::time::timeout(STOP_TIMEOUT, &mut task).await {
             Err(_) => {
-                self.task.abort();
+                task.abort();
                 bail!("weir serve did not stop within {STOP_TIMEOUT:?}")
             }
-            Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(e))) => Err(anyhow!(e).context("weir serve failed")),
-            Ok(Err(e)) => Err(anyhow!(e).context("weir serve panicked")),
+            Ok(joined) => served(joined),
         }
+    }
+}
+
+/// What the host's task ended with.
+fn served(joined: Result<Result<(), ServeError>, tokio::task::JoinError>) -> anyhow::Result<()> {
+    match joined {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(anyhow!(e).context("weir serve failed")),
+        Err(e) => Err(anyhow!(e).context("weir serve panicked")),
     }
 }
 
@@ -299,5 +320,37 @@ async fn wait_for_all(
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_host_that_fails_at_start_is_reported_once_and_stops_quietly() {
+        let mut config = WeirConfig::load(None, std::iter::empty::<(String, String)>())
+            .expect("the defaults load");
+        config.store.url = "nosuch://store".to_owned();
+        config.server.listen = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+        let mut host = Host::start(&config);
+        let since = Instant::now();
+        let error = loop {
+            if let Err(e) = host.check().await {
+                break e;
+            }
+            assert!(
+                since.elapsed() < Duration::from_secs(30),
+                "the host kept running"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert!(
+            format!("{error:#}").contains("weir serve failed"),
+            "{error:#}"
+        );
+        let again = host.check().await.expect_err("still stopped");
+        assert!(again.to_string().contains("has stopped"), "{again:#}");
+        host.stop().await.expect("nothing left to stop");
     }
 }
