@@ -186,15 +186,13 @@ impl Host {
     /// Drain and stop the host. A host that stopped by itself and was reported by
     /// [`Host::check`] has nothing left to stop.
     pub async fn stop(mut self) -> anyhow::Result<()> {
+        if self.task.is_none() {
+            return Ok(());
+        }
+        self.check().await?;
         let Some(mut task) = self.task.take() else {
             return Ok(());
         };
-        if task.is_finished() {
-            return match task.await {
-                Ok(Ok(())) => bail!("weir serve stopped by itself"),
-                joined => served(joined),
-            };
-        }
         self.shutdown.cancel();
         match tokio::time::timeout(STOP_TIMEOUT, &mut task).await {
             Err(_) => {

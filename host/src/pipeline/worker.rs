@@ -5,8 +5,9 @@
 //! librdkafka's rebalance callbacks may block for the drain without blocking the async
 //! executor), the coordinator task that drives the pure core ([`KeyScheduler`],
 //! [`PartitionOffsets`], [`RetryPolicy`](super::RetryPolicy)), the invocation tasks (a dispatch
-//! round's messages shared over at most one task per runtime worker), and the group commit. Knows nothing of SQL (it talks to [`Store`]) nor of how components are loaded
-//! (it is given a [`HandlerSlot`] of compiled [`HandlerPool`](crate::runtime::HandlerPool)s).
+//! round's messages shared over at most one task per runtime worker), and the group commit.
+//! Knows nothing of SQL (it talks to [`Store`]) nor of how components are loaded (it is given
+//! a [`HandlerSlot`] of compiled [`HandlerPool`](crate::runtime::HandlerPool)s).
 //!
 //! Order of events for one message: received → offset tracked → queued → dispatched when its
 //! key is free → invoked (retried after backoff while its key stays occupied) → its completion

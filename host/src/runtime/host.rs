@@ -509,10 +509,15 @@ impl GuestOutput {
         self.written.store(true, Ordering::Release);
     }
 
+    /// Whether something was appended since the last call, resetting the flag. A plain load
+    /// first: the usual invocation writes nothing, and a swap would cost a locked instruction
+    /// on every call.
+    fn take_written(&self) -> bool {
+        self.written.load(Ordering::Acquire) && self.written.swap(false, Ordering::AcqRel)
+    }
+
     fn clear(&self) {
-        // A plain load first: the usual invocation writes nothing, and a swap would cost a
-        // locked instruction on every call.
-        if !self.written.load(Ordering::Acquire) || !self.written.swap(false, Ordering::AcqRel) {
+        if !self.take_written() {
             return;
         }
         let mut buf = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
@@ -521,7 +526,7 @@ impl GuestOutput {
     }
 
     fn take(&self) -> (Vec<u8>, bool) {
-        if !self.written.load(Ordering::Acquire) || !self.written.swap(false, Ordering::AcqRel) {
+        if !self.take_written() {
             return (Vec::new(), false);
         }
         let mut buf = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
