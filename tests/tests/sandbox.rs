@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use weir::runtime::{
-    ComponentError, ErrorKind, HandlerPool, InstancePolicy, Invocation, InvocationContext,
-    MemoryState, Outcome, OutputTopics, Runtime, RuntimeConfig, StateWrite, TrapKind,
+    ComponentError, ErrorKind, HandlerPool, Header, InstancePolicy, Invocation, InvocationContext,
+    MemoryState, Message, Outcome, OutputTopics, Runtime, RuntimeConfig, StateWrite, TrapKind,
 };
 use weir_acceptance::component;
 
@@ -475,6 +475,102 @@ async fn reused_instances_serve_many_messages_and_trapped_ones_are_replaced() {
         .unwrap();
     assert_eq!(inv.outcome, Outcome::Ok);
     assert_eq!(flaky.idle(), 0, "with the fresh policy no instance is kept");
+}
+
+/// The line the `reflect` fixture logs for `message`, rendered on the host side.
+fn reflected(message: &Message) -> String {
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+    let fnv = message
+        .payload
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |hash, &byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+    let headers: String = message
+        .headers
+        .iter()
+        .map(|h| format!("{}={};", h.key, hex(&h.value)))
+        .collect();
+    format!(
+        "id={} topic={} partition={} offset={} key={} payload={}:{fnv:016x} headers=[{headers}] \
+         timestamp={:?} tenant={} attempt={}",
+        message.id,
+        message.topic,
+        message.partition,
+        message.offset,
+        message
+            .key
+            .as_deref()
+            .map_or_else(|| "none".to_owned(), hex),
+        message.payload.len(),
+        message.timestamp_ms,
+        message.tenant,
+        message.attempt
+    )
+}
+
+/// Every field of the message reaches the guest as sent: present and absent options, empty
+/// and large buffers, many headers, values at the edges of their types, on a fresh instance and
+/// on one instance reused in between (so a value left over from the previous message shows).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_field_of_the_message_reaches_the_guest_as_sent() {
+    let runtime = Runtime::new(config()).unwrap();
+    let reflect = load(&runtime, "weir_fixture_reflect");
+    let header = |key: &str, value: &[u8]| Header {
+        key: key.to_owned(),
+        value: value.to_vec(),
+    };
+    let full = Message {
+        id: "commandes/7/1099511627779".to_owned(),
+        topic: "commandes-é".to_owned(),
+        partition: u32::MAX,
+        offset: (1 << 40) + 3,
+        key: Some(vec![0, 255, 7]),
+        payload: (0..1024).map(|i| (i % 251) as u8).collect(),
+        headers: vec![
+            header("message-id", b"m-1"),
+            header("empty", b""),
+            header("clé", &[0xff, 0, 1]),
+        ],
+        timestamp_ms: Some(i64::MIN),
+        tenant: "acme-ü".to_owned(),
+        attempt: u32::MAX,
+    };
+    let bare = Message {
+        id: String::new(),
+        topic: "t".to_owned(),
+        partition: 0,
+        offset: 0,
+        key: None,
+        payload: Vec::new(),
+        headers: Vec::new(),
+        timestamp_ms: None,
+        tenant: String::new(),
+        attempt: 1,
+    };
+    let large = Message {
+        key: Some(Vec::new()),
+        payload: (0..64 * 1024).map(|i| (i % 253) as u8).collect(),
+        headers: (0..40)
+            .map(|i| header(&format!("h{i}"), &vec![i as u8; i]))
+            .collect(),
+        timestamp_ms: Some(1_700_000_000_000),
+        ..full.clone()
+    };
+    let messages = [&full, &bare, &large, &full, &bare];
+    let mut reused = reflect.instantiate().await.unwrap();
+    for message in messages {
+        for inv in [
+            reused.invoke(message, &context(&[])).await,
+            run(&reflect, message, &context(&[])).await,
+        ] {
+            assert_eq!(inv.outcome, Outcome::Ok, "{inv:?}");
+            assert_eq!(inv.logs.len(), 1, "{inv:?}");
+            assert_eq!(inv.logs[0].message, reflected(message));
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -72,6 +72,15 @@ pub(crate) struct CallState {
     pub(crate) logs_dropped: u32,
 }
 
+/// What one invocation left behind, taken from the call state when it ends.
+pub(crate) struct Finished {
+    pub(crate) effects: Effects,
+    /// The first effect the host refused; it fails the invocation.
+    pub(crate) refused: Option<String>,
+    pub(crate) logs: Vec<LogRecord>,
+    pub(crate) logs_dropped: u32,
+}
+
 impl HostState {
     pub(crate) fn new(config: Arc<RuntimeConfig>) -> Self {
         let line_cap = config.max_log_line_bytes as usize * (config.max_log_lines as usize).max(1);
@@ -121,17 +130,19 @@ impl HostState {
     pub(crate) fn begin(&mut self, key: Option<&[u8]>, context: InvocationContext) {
         self.http_hooks.gate = context.http.clone();
         self.http_hooks.deadline = None;
-        let key = key.map(|key| {
+        // The call's other fields were reset by `finish` (or never set): nothing is moved or
+        // rebuilt per invocation. A call that never finished (its future was dropped) is
+        // cleared here.
+        if self.call.context.is_some() {
+            self.finish();
+        }
+        self.call.key = key.map(|key| {
             let mut buffer = self.spare_key.take().unwrap_or_default();
             buffer.clear();
             buffer.extend_from_slice(key);
             buffer
         });
-        self.call = CallState {
-            key,
-            context: Some(context),
-            ..CallState::default()
-        };
+        self.call.context = Some(context);
         self.stdout.clear();
         self.stderr.clear();
     }
@@ -141,10 +152,14 @@ impl HostState {
         self.http_hooks.deadline = Some(deadline);
     }
 
-    /// End the invocation: take what it recorded, turning guest output into log lines.
-    pub(crate) fn finish(&mut self) -> CallState {
+    /// End the invocation: take what it recorded, turning guest output into log lines, and
+    /// leave the call state empty for the next one.
+    pub(crate) fn finish(&mut self) -> Finished {
         self.http_hooks.gate = None;
-        let mut call = std::mem::take(&mut self.call);
+        let call = &mut self.call;
+        call.context = None;
+        call.emitted_bytes = 0;
+        call.overlay.clear();
         // An unusually large key's buffer is not kept for the instance's lifetime.
         self.spare_key = call
             .key
@@ -155,22 +170,30 @@ impl HostState {
             (&self.stderr, LogSource::Stderr, LogLevel::Warn),
         ] {
             let (bytes, truncated) = output.take();
+            if truncated {
+                call.logs_dropped += 1;
+            }
+            if bytes.is_empty() {
+                continue;
+            }
             let text = String::from_utf8_lossy(&bytes);
             for line in text.lines().filter(|l| !l.trim().is_empty()) {
                 push_log(
                     &self.config,
-                    &mut call,
+                    call,
                     level,
                     source,
                     line.to_owned(),
                     Vec::new(),
                 );
             }
-            if truncated {
-                call.logs_dropped += 1;
-            }
         }
-        call
+        Finished {
+            effects: std::mem::take(&mut call.effects),
+            refused: call.refused.take(),
+            logs: std::mem::take(&mut call.logs),
+            logs_dropped: std::mem::take(&mut call.logs_dropped),
+        }
     }
 
     fn refuse(&mut self, what: String) -> String {
@@ -620,6 +643,44 @@ mod tests {
         let mut short = "ok".to_owned();
         truncate(&mut short, 10);
         assert_eq!(short, "ok");
+    }
+
+    /// Everything an invocation recorded is gone when the next one begins, whether it finished
+    /// or its future was dropped half-way (`begin` then clears what `finish` would have).
+    #[test]
+    fn nothing_of_one_invocation_reaches_the_next() {
+        let mut state = HostState::new(Arc::new(RuntimeConfig::default()));
+        let record = |state: &mut HostState| {
+            state.call.effects.state_writes.push(StateWrite {
+                name: "n".into(),
+                value: Some(b"v".to_vec()),
+            });
+            state.call.overlay.insert("n".into(), Some(b"v".to_vec()));
+            state.call.emitted_bytes = 7;
+            state.call.refused = Some("refused".into());
+            state.call.logs_dropped = 2;
+            state.stdout.append(b"a line\n");
+        };
+        for finished in [true, false] {
+            state.begin(Some(b"k1"), InvocationContext::default());
+            record(&mut state);
+            if finished {
+                let first = state.finish();
+                assert_eq!(first.effects.state_writes.len(), 1);
+                assert_eq!(first.refused.as_deref(), Some("refused"));
+                assert_eq!((first.logs.len(), first.logs_dropped), (1, 2));
+            }
+            state.begin(Some(b"k2"), InvocationContext::default());
+            assert_eq!(state.call.key.as_deref(), Some(&b"k2"[..]));
+            assert!(state.call.overlay.is_empty());
+            assert_eq!(state.call.emitted_bytes, 0);
+            let second = state.finish();
+            assert!(second.effects.is_empty());
+            assert_eq!(second.refused, None);
+            assert!(second.logs.is_empty(), "{:?}", second.logs);
+            assert_eq!(second.logs_dropped, 0);
+            assert!(state.call.context.is_none());
+        }
     }
 
     #[test]

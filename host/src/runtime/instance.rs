@@ -8,13 +8,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
+use wasmtime::component::{Func, TypedFunc};
 use wasmtime::{Store, Trap, UpdateDeadline};
 
+use super::bindings::HandlerPre;
 use super::bindings::weir::handler::types as wit;
-use super::bindings::{Handler, HandlerPre};
 use super::component::ContentHash;
 use super::host::HostState;
 use super::invocation::{ErrorKind, Invocation, InvocationContext, Message, Outcome, TrapKind};
+use super::lower::Lowered;
 use super::{InstancePolicy, RuntimeShared};
 
 /// Why an instance could not be created (the handler never ran).
@@ -117,9 +119,10 @@ impl HandlerComponent {
                     message: format!("{e:#}"),
                 })?;
         self.shared.live_instances.fetch_add(1, Ordering::Relaxed);
+        let handle = *bindings.func_handle().func();
         Ok(HandlerInstance {
             store,
-            bindings,
+            handle,
             invocations: 0,
             dead: false,
             hash: self.hash,
@@ -128,10 +131,14 @@ impl HandlerComponent {
     }
 }
 
+/// What `handle` returns, as wasmtime lifts it.
+type HandleResult = (Result<(), wit::HandlerError>,);
+
 /// One live instance of a handler, with its own store. Serves invocations one at a time.
 pub struct HandlerInstance {
     store: Store<HostState>,
-    bindings: Handler,
+    /// The component's `handle` export, type-checked against the contract at instantiation.
+    handle: Func,
     invocations: u32,
     dead: bool,
     hash: ContentHash,
@@ -190,14 +197,19 @@ impl HandlerInstance {
         // The epoch interrupts a guest that computes; one that waits in a host call (outbound
         // HTTP, a clock) is cut off here, a little after the epoch would have fired.
         let grace = self.store.data().config().epoch_tick() * 2;
+        // SAFETY: `bindgen!` type-checked `handle` with `(&Message,)` for its parameters at
+        // instantiation, and `Lowered`'s type is `Message`'s (its `typecheck` is `Message`'s).
+        #[allow(unsafe_code)]
+        let handle =
+            unsafe { TypedFunc::<(Lowered<'_>,), HandleResult>::new_unchecked(self.handle) };
         let result = match (CutOff {
-            call: std::pin::pin!(self.bindings.call_handle(&mut self.store, message)),
+            call: std::pin::pin!(handle.call_async(&mut self.store, (Lowered(message),))),
             at: started + deadline + grace,
             timer: None,
         })
         .await
         {
-            Some(result) => result,
+            Some(result) => result.map(|(result,)| result),
             None => Err(wasmtime::Error::from(Trap::Interrupt)),
         };
         let duration = started.elapsed();

@@ -14,6 +14,7 @@ mod config;
 mod host;
 mod instance;
 mod invocation;
+mod lower;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
