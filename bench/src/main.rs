@@ -76,7 +76,7 @@ const IO_KEYS: u64 = 1_000;
 const DEFAULT_IO_MAX_IN_FLIGHT: usize = 120;
 
 /// The component the benchmark deploys when `--component` is not given.
-const DEFAULT_COMPONENT: &str = "weir_fixture_checksum.wasm";
+const DEFAULT_COMPONENT: &str = "weir_fixture_noop.wasm";
 
 /// Weir's side-by-side benchmark: raw Kafka consumption, Weir end to end, and the per-message
 /// baseline, against the same broker and database in one run; then Weir's latency at a fixed
@@ -90,8 +90,9 @@ struct Args {
     /// PostgreSQL URL. The run works in a schema of its own, dropped at the end.
     #[arg(long, env = DATABASE_URL_ENV, value_name = "URL", hide_env_values = true)]
     database_url: Option<String>,
-    /// The no-op handler component [default: <target>/wasm32-wasip2/release/weir_fixture_checksum.wasm,
-    /// built by `cargo build --release --target wasm32-wasip2 -p weir-fixture-checksum`].
+    /// The no-op handler component [default: <target>/wasm32-wasip2/release/weir_fixture_noop.wasm,
+    /// built by `cargo build --release --target wasm32-wasip2 -p weir-fixture-noop`; the
+    /// `checksum` fixture, which also reads every payload byte, is the harsher alternative].
     #[arg(long, value_name = "PATH")]
     component: Option<PathBuf>,
     /// Messages in the throughput topic [default: 200000; smoke: 2000].
@@ -337,7 +338,7 @@ async fn run(args: Args) -> anyhow::Result<Report> {
     let component = std::fs::read(&component_path).with_context(|| {
         format!(
             "cannot read the handler component {}; build it with `cargo build --release \
-             --target wasm32-wasip2 -p weir-fixture-checksum` or pass --component",
+             --target wasm32-wasip2 -p weir-fixture-noop` or pass --component",
             component_path.display()
         )
     })?;

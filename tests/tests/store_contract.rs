@@ -68,9 +68,9 @@ fn emit(message_id: &str, causation_id: &str) -> OutboxInsert {
 /// A completion of `message_id` on the default binding, for message key `key`.
 fn completion(message_id: &str, key: &str, writes: Vec<StateWrite>, emits: &[&str]) -> Completion {
     Completion {
-        binding_id: BINDING.to_owned(),
-        tenant: TENANT.to_owned(),
-        handler: HANDLER.to_owned(),
+        binding_id: BINDING.into(),
+        tenant: TENANT.into(),
+        handler: HANDLER.into(),
         message_id: message_id.to_owned(),
         key: Some(key.as_bytes().to_vec()),
         state_writes: writes,
@@ -419,7 +419,7 @@ async fn a_message_committed_twice_takes_effect_once(store: &dyn Store) {
         vec![set("total", "99")],
         &["other-out-0"],
     );
-    elsewhere.binding_id = "acme-orders-replica".to_owned();
+    elsewhere.binding_id = "acme-orders-replica".into();
     assert_eq!(store.commit(&[elsewhere]).await.unwrap(), vec![Committed]);
     assert_eq!(
         state(store, "customer-9", "total").await.as_deref(),
@@ -1517,12 +1517,12 @@ async fn state_list_returns_the_values_of_one_key_by_name(store: &dyn Store) {
         ),
         completion("m2", "customer-8", vec![set("a", "other key")], &[]),
         Completion {
-            handler: "refunds".to_owned(),
+            handler: "refunds".into(),
             ..completion("m3", "customer-7", vec![set("a", "other handler")], &[])
         },
         Completion {
-            tenant: "globex".to_owned(),
-            binding_id: "globex-orders".to_owned(),
+            tenant: "globex".into(),
+            binding_id: "globex-orders".into(),
             ..completion("m4", "customer-7", vec![set("a", "other tenant")], &[])
         },
     ];

@@ -691,7 +691,10 @@ impl Timer {
 }
 
 struct Coordinator {
-    binding_id: String,
+    /// Shared with every completion of the binding, as are `tenant` and `handler_name`.
+    binding_id: Arc<str>,
+    tenant: Arc<str>,
+    handler_name: Arc<str>,
     spec: Arc<BindingSpec>,
     topics: Vec<String>,
     handler: HandlerReader,
@@ -941,7 +944,9 @@ impl Coordinator {
         };
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         Self {
-            binding_id: worker.binding_id.clone(),
+            binding_id: worker.binding_id.as_str().into(),
+            tenant: worker.spec.tenant.as_str().into(),
+            handler_name: worker.spec.handler.as_str().into(),
             topics: spec.topics.clone(),
             scheduler: KeyScheduler::new(spec.ordering, spec.max_in_flight()),
             spec,
@@ -1604,6 +1609,7 @@ impl Coordinator {
         context.state = state.clone();
         let done = self.done_tx.clone();
         let binding_id = self.binding_id.clone();
+        let (tenant, handler_name) = (self.tenant.clone(), self.handler_name.clone());
         let spec = self.spec.clone();
         let metrics = self.metrics.clone();
         // The message's span costs its fields formatted (and a hash for the trace context):
@@ -1688,10 +1694,15 @@ impl Coordinator {
                             slot,
                             Completion {
                                 binding_id,
-                                tenant: spec.tenant.clone(),
-                                handler: spec.handler.clone(),
+                                tenant,
+                                handler: handler_name,
                                 message_id: message.id.clone(),
-                                key: message.key.clone(),
+                                // The store needs the key only to file state writes under it.
+                                key: if invocation.effects.state_writes.is_empty() {
+                                    None
+                                } else {
+                                    message.key.clone()
+                                },
                                 state_writes: invocation.effects.state_writes,
                                 emits,
                                 replay_of,
@@ -1914,7 +1925,7 @@ impl Coordinator {
     ) -> DlqEntryInsert {
         DlqEntryInsert {
             tenant: self.spec.tenant.clone(),
-            binding_id: self.binding_id.clone(),
+            binding_id: self.binding_id.to_string(),
             handler: self.spec.handler.clone(),
             handler_version,
             topic: message.topic.clone(),

@@ -52,7 +52,7 @@ pub(crate) fn validate(batch: &[Completion]) -> Result<(), StoreError> {
 pub(crate) fn processed_keys(batch: &[Completion]) -> Vec<ProcessedKey<'_>> {
     let mut keys: Vec<ProcessedKey<'_>> = batch
         .iter()
-        .map(|c| (c.binding_id.as_str(), c.message_id.as_str()))
+        .map(|c| (&*c.binding_id, c.message_id.as_str()))
         .collect();
     keys.sort_unstable();
     keys.dedup();
@@ -73,7 +73,7 @@ pub(crate) fn writes_only_keys(batch: &[Completion]) -> bool {
 pub(crate) fn replays(batch: &[Completion]) -> Vec<(i64, &str)> {
     batch
         .iter()
-        .filter_map(|c| c.replay_of.map(|id| (id, c.binding_id.as_str())))
+        .filter_map(|c| c.replay_of.map(|id| (id, &*c.binding_id)))
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect()
@@ -122,10 +122,7 @@ pub(crate) fn outcomes<'a>(
     let mut outbox_ids: HashSet<&str> = HashSet::new();
     let mut outbox = Vec::new();
     for completion in batch {
-        let key = (
-            completion.binding_id.as_str(),
-            completion.message_id.as_str(),
-        );
+        let key = (&*completion.binding_id, completion.message_id.as_str());
         let first = seen.insert(key);
         let new = first && inserted.contains(&key);
         if !new {
@@ -137,8 +134,8 @@ pub(crate) fn outcomes<'a>(
             for write in &completion.state_writes {
                 state.insert(
                     (
-                        completion.tenant.as_str(),
-                        completion.handler.as_str(),
+                        &*completion.tenant,
+                        &*completion.handler,
                         message_key,
                         write.name.as_str(),
                     ),

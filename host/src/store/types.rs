@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -51,12 +52,13 @@ pub struct BindingRecord {
 /// A message the pipeline finished successfully, with the effects to commit for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Completion {
-    /// The binding that processed it (first half of the processed key).
-    pub binding_id: String,
+    /// The binding that processed it (first half of the processed key). Shared: every
+    /// completion of a binding names the same one.
+    pub binding_id: Arc<str>,
     /// The tenant owning the binding; keyed state and outbox rows are filed under it.
-    pub tenant: String,
+    pub tenant: Arc<str>,
     /// The handler that ran; keyed state is scoped to `(tenant, handler, key)`.
-    pub handler: String,
+    pub handler: Arc<str>,
     /// The message's identity (second half of the processed key).
     pub message_id: String,
     /// The message key; required when there are state writes.
