@@ -128,14 +128,11 @@ impl HostState {
 
     /// Prepare for an invocation of `key` under `context`.
     pub(crate) fn begin(&mut self, key: Option<&[u8]>, context: InvocationContext) {
+        // Whatever is left is dropped: a call whose future was dropped before `finish`, or
+        // imports the component's start-up code called outside any invocation.
+        self.clear_call();
         self.http_hooks.gate = context.http.clone();
         self.http_hooks.deadline = None;
-        // The call's other fields were reset by `finish` (or never set): nothing is moved or
-        // rebuilt per invocation. A call that never finished (its future was dropped) is
-        // cleared here.
-        if self.call.context.is_some() {
-            self.finish();
-        }
         self.call.key = key.map(|key| {
             let mut buffer = self.spare_key.take().unwrap_or_default();
             buffer.clear();
@@ -147,24 +144,46 @@ impl HostState {
         self.stderr.clear();
     }
 
+    /// Empty the call state in place, keeping its buffers' capacity: nothing is rebuilt or
+    /// moved per invocation.
+    fn clear_call(&mut self) {
+        self.http_hooks.gate = None;
+        // Every field named, so that a new one cannot be forgotten here.
+        let CallState {
+            key,
+            context,
+            effects,
+            emitted_bytes,
+            overlay,
+            refused,
+            logs,
+            logs_dropped,
+        } = &mut self.call;
+        // An unusually large key's buffer is not kept for the instance's lifetime.
+        if let Some(key) = key
+            .take()
+            .filter(|key| key.capacity() <= SPARE_KEY_MAX_BYTES)
+        {
+            self.spare_key = Some(key);
+        }
+        *context = None;
+        effects.emits.clear();
+        effects.state_writes.clear();
+        *emitted_bytes = 0;
+        overlay.clear();
+        *refused = None;
+        logs.clear();
+        *logs_dropped = 0;
+    }
+
     /// No outbound request of this invocation may outlive `deadline`.
     pub(crate) fn set_http_deadline(&mut self, deadline: Instant) {
         self.http_hooks.deadline = Some(deadline);
     }
 
-    /// End the invocation: take what it recorded, turning guest output into log lines, and
-    /// leave the call state empty for the next one.
+    /// End the invocation: take what it recorded, turning guest output into log lines.
     pub(crate) fn finish(&mut self) -> Finished {
-        self.http_hooks.gate = None;
         let call = &mut self.call;
-        call.context = None;
-        call.emitted_bytes = 0;
-        call.overlay.clear();
-        // An unusually large key's buffer is not kept for the instance's lifetime.
-        self.spare_key = call
-            .key
-            .take()
-            .filter(|key| key.capacity() <= SPARE_KEY_MAX_BYTES);
         for (output, source, level) in [
             (&self.stdout, LogSource::Stdout, LogLevel::Info),
             (&self.stderr, LogSource::Stderr, LogLevel::Warn),
@@ -188,12 +207,17 @@ impl HostState {
                 );
             }
         }
-        Finished {
+        let finished = Finished {
             effects: std::mem::take(&mut call.effects),
             refused: call.refused.take(),
             logs: std::mem::take(&mut call.logs),
             logs_dropped: std::mem::take(&mut call.logs_dropped),
-        }
+        };
+        // Released now, not at the next `begin`: they hold the binding's state source and HTTP
+        // gate. The rest is cleared when the next invocation begins.
+        call.context = None;
+        self.http_hooks.gate = None;
+        finished
     }
 
     fn refuse(&mut self, what: String) -> String {
@@ -645,11 +669,20 @@ mod tests {
         assert_eq!(short, "ok");
     }
 
-    /// Everything an invocation recorded is gone when the next one begins, whether it finished
-    /// or its future was dropped half-way (`begin` then clears what `finish` would have).
+    /// Everything recorded before an invocation begins is gone when it does: what the last
+    /// invocation left whether it finished or its future was dropped half-way, and what imports
+    /// recorded outside any invocation (a component's start-up code). The new invocation keeps
+    /// its own HTTP gate.
     #[test]
     fn nothing_of_one_invocation_reaches_the_next() {
-        let mut state = HostState::new(Arc::new(RuntimeConfig::default()));
+        use crate::outbound::{HttpGate, HttpPolicy};
+        let policy = HttpPolicy::allowing(["api.example.com"]);
+        let metrics = crate::metrics::Metrics::new().http("b1", &policy.allow);
+        let gate = Arc::new(HttpGate::new("b1", policy, metrics).unwrap());
+        let gated = InvocationContext {
+            http: Some(gate),
+            ..InvocationContext::default()
+        };
         let record = |state: &mut HostState| {
             state.call.effects.state_writes.push(StateWrite {
                 name: "n".into(),
@@ -658,28 +691,42 @@ mod tests {
             state.call.overlay.insert("n".into(), Some(b"v".to_vec()));
             state.call.emitted_bytes = 7;
             state.call.refused = Some("refused".into());
+            state.call.logs.push(LogRecord {
+                level: LogLevel::Info,
+                source: LogSource::Log,
+                message: "logged".into(),
+                fields: Vec::new(),
+            });
             state.call.logs_dropped = 2;
             state.stdout.append(b"a line\n");
         };
-        for finished in [true, false] {
-            state.begin(Some(b"k1"), InvocationContext::default());
+        for ending in ["finished", "dropped", "outside any invocation"] {
+            let mut state = HostState::new(Arc::new(RuntimeConfig::default()));
+            if ending != "outside any invocation" {
+                state.begin(Some(b"k1"), InvocationContext::default());
+            }
             record(&mut state);
-            if finished {
+            if ending == "finished" {
                 let first = state.finish();
                 assert_eq!(first.effects.state_writes.len(), 1);
                 assert_eq!(first.refused.as_deref(), Some("refused"));
-                assert_eq!((first.logs.len(), first.logs_dropped), (1, 2));
+                assert_eq!((first.logs.len(), first.logs_dropped), (2, 2));
             }
-            state.begin(Some(b"k2"), InvocationContext::default());
-            assert_eq!(state.call.key.as_deref(), Some(&b"k2"[..]));
-            assert!(state.call.overlay.is_empty());
-            assert_eq!(state.call.emitted_bytes, 0);
+            state.begin(Some(b"k2"), gated.clone());
+            assert_eq!(state.call.key.as_deref(), Some(&b"k2"[..]), "{ending}");
+            assert!(state.call.overlay.is_empty(), "{ending}");
+            assert_eq!(state.call.emitted_bytes, 0, "{ending}");
+            assert!(
+                state.http_hooks.gate.is_some(),
+                "{ending}: the gate was lost"
+            );
             let second = state.finish();
-            assert!(second.effects.is_empty());
-            assert_eq!(second.refused, None);
-            assert!(second.logs.is_empty(), "{:?}", second.logs);
-            assert_eq!(second.logs_dropped, 0);
-            assert!(state.call.context.is_none());
+            assert!(second.effects.is_empty(), "{ending}");
+            assert_eq!(second.refused, None, "{ending}");
+            assert!(second.logs.is_empty(), "{ending}: {:?}", second.logs);
+            assert_eq!(second.logs_dropped, 0, "{ending}");
+            assert!(state.call.context.is_none(), "{ending}");
+            assert!(state.http_hooks.gate.is_none(), "{ending}");
         }
     }
 
