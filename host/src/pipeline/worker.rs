@@ -388,7 +388,7 @@ enum Done {
 struct StoreState {
     store: Arc<dyn Store>,
     /// (tenant, handler), shared by every invocation of the binding.
-    owner: Arc<(String, String)>,
+    owner: Arc<(Arc<str>, Arc<str>)>,
     failed: AtomicBool,
     /// Time spent waiting for the store's answers, microseconds.
     waited_us: AtomicU64,
@@ -691,10 +691,8 @@ impl Timer {
 }
 
 struct Coordinator {
-    /// Shared with every completion of the binding, as are `tenant` and `handler_name`.
+    /// Shared with every completion of the binding.
     binding_id: Arc<str>,
-    tenant: Arc<str>,
-    handler_name: Arc<str>,
     spec: Arc<BindingSpec>,
     topics: Vec<String>,
     handler: HandlerReader,
@@ -706,8 +704,9 @@ struct Coordinator {
     stats: Arc<WorkerStats>,
     /// The binding's metric handles.
     metrics: Arc<BindingMetrics>,
-    /// (tenant, handler) of the binding, for the keyed-state reads of every invocation.
-    owner: Arc<(String, String)>,
+    /// (tenant, handler) of the binding, for the keyed-state reads and the completions of every
+    /// invocation.
+    owner: Arc<(Arc<str>, Arc<str>)>,
     context: InvocationContext,
     scheduler: KeyScheduler<Pending, Part>,
     offsets: PartitionOffsets<Part>,
@@ -945,8 +944,6 @@ impl Coordinator {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         Self {
             binding_id: worker.binding_id.as_str().into(),
-            tenant: worker.spec.tenant.as_str().into(),
-            handler_name: worker.spec.handler.as_str().into(),
             topics: spec.topics.clone(),
             scheduler: KeyScheduler::new(spec.ordering, spec.max_in_flight()),
             spec,
@@ -957,7 +954,10 @@ impl Coordinator {
             settings: worker.settings.clone(),
             stats: worker.stats.clone(),
             metrics: Arc::new(metrics),
-            owner: Arc::new((worker.spec.tenant.clone(), worker.spec.handler.clone())),
+            owner: Arc::new((
+                worker.spec.tenant.as_str().into(),
+                worker.spec.handler.as_str().into(),
+            )),
             context,
             offsets: PartitionOffsets::default(),
             tickets: HashMap::default(),
@@ -1609,7 +1609,6 @@ impl Coordinator {
         context.state = state.clone();
         let done = self.done_tx.clone();
         let binding_id = self.binding_id.clone();
-        let (tenant, handler_name) = (self.tenant.clone(), self.handler_name.clone());
         let spec = self.spec.clone();
         let metrics = self.metrics.clone();
         // The message's span costs its fields formatted (and a hash for the trace context):
@@ -1694,8 +1693,8 @@ impl Coordinator {
                             slot,
                             Completion {
                                 binding_id,
-                                tenant,
-                                handler: handler_name,
+                                tenant: state.owner.0.clone(),
+                                handler: state.owner.1.clone(),
                                 message_id: message.id.clone(),
                                 // The store needs the key only to file state writes under it.
                                 key: if invocation.effects.state_writes.is_empty() {
@@ -2193,7 +2192,7 @@ mod tests {
         );
         let state = |waited: Duration| StoreState {
             store: store.clone(),
-            owner: Arc::new(("acme".to_owned(), "orders".to_owned())),
+            owner: Arc::new(("acme".into(), "orders".into())),
             failed: AtomicBool::new(false),
             waited_us: AtomicU64::new(waited.as_micros() as u64),
         };

@@ -132,7 +132,6 @@ impl HostState {
         // imports the component's start-up code called outside any invocation.
         self.clear_call();
         self.http_hooks.gate = context.http.clone();
-        self.http_hooks.deadline = None;
         self.call.key = key.map(|key| {
             let mut buffer = self.spare_key.take().unwrap_or_default();
             buffer.clear();
@@ -140,14 +139,15 @@ impl HostState {
             buffer
         });
         self.call.context = Some(context);
-        self.stdout.clear();
-        self.stderr.clear();
     }
 
-    /// Empty the call state in place, keeping its buffers' capacity: nothing is rebuilt or
-    /// moved per invocation.
+    /// Empty the call state, the HTTP hooks and the guest's output in place, keeping the
+    /// buffers' capacity: nothing is rebuilt or moved per invocation.
     fn clear_call(&mut self) {
         self.http_hooks.gate = None;
+        self.http_hooks.deadline = None;
+        self.stdout.clear();
+        self.stderr.clear();
         // Every field named, so that a new one cannot be forgotten here.
         let CallState {
             key,
