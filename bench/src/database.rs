@@ -146,13 +146,19 @@ impl BenchSchema {
         })
     }
 
-    /// Whether `binding` has committed any message yet.
-    pub async fn any_committed(&self, binding: &str) -> anyhow::Result<bool> {
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM processed_keys WHERE binding_id = $1)")
-            .bind(binding)
-            .fetch_one(&self.pool)
-            .await
-            .context("cannot read processed keys")
+    /// Whether `binding` has committed any message whose id starts with `prefix` yet.
+    pub async fn any_committed(&self, binding: &str, prefix: &str) -> anyhow::Result<bool> {
+        let end = prefix_end(prefix)?;
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM processed_keys \
+             WHERE message_id >= $2 AND message_id < $3 AND binding_id = $1)",
+        )
+        .bind(binding)
+        .bind(prefix)
+        .bind(end)
+        .fetch_one(&self.pool)
+        .await
+        .context("cannot read processed keys")
     }
 
     /// How many of `message_ids` `binding` has committed.
@@ -171,14 +177,16 @@ impl BenchSchema {
         .context("cannot read processed keys")
     }
 
-    /// How many messages `binding` has committed whose id starts with `prefix` (all: `""`).
+    /// How many messages `binding` has committed whose id starts with `prefix`.
     pub async fn committed(&self, binding: &str, prefix: &str) -> anyhow::Result<i64> {
+        let end = prefix_end(prefix)?;
         sqlx::query_scalar(
             "SELECT count(*) FROM processed_keys \
-             WHERE binding_id = $1 AND starts_with(message_id, $2)",
+             WHERE message_id >= $2 AND message_id < $3 AND binding_id = $1",
         )
         .bind(binding)
         .bind(prefix)
+        .bind(end)
         .fetch_one(&self.pool)
         .await
         .context("cannot read processed keys")
@@ -197,20 +205,62 @@ impl BenchSchema {
         prefix: &str,
         commit_timestamps: bool,
     ) -> anyhow::Result<Vec<(String, i64)>> {
+        let end = prefix_end(prefix)?;
         let query = if commit_timestamps {
             "SELECT message_id, \
                     (extract(epoch FROM coalesce(pg_xact_commit_timestamp(xmin), processed_at)) \
                      * 1000000)::bigint \
-             FROM processed_keys WHERE binding_id = $1 AND starts_with(message_id, $2)"
+             FROM processed_keys \
+             WHERE message_id >= $2 AND message_id < $3 AND binding_id = $1"
         } else {
             "SELECT message_id, (extract(epoch FROM processed_at) * 1000000)::bigint \
-             FROM processed_keys WHERE binding_id = $1 AND starts_with(message_id, $2)"
+             FROM processed_keys \
+             WHERE message_id >= $2 AND message_id < $3 AND binding_id = $1"
         };
         sqlx::query_as(query)
             .bind(binding)
             .bind(prefix)
+            .bind(end)
             .fetch_all(&self.pool)
             .await
             .context("cannot read the commit times of processed keys")
+    }
+}
+
+/// The least string greater than every string that starts with `prefix`, bytewise (the store's
+/// processed-key columns compare so): `prefix` with its last character the next one. With it a
+/// prefix is a range of the processed keys' primary key, which leads with the message id.
+fn prefix_end(prefix: &str) -> anyhow::Result<String> {
+    let mut chars = prefix.chars();
+    let last = chars
+        .next_back()
+        .context("a processed-key prefix must not be empty")?;
+    let next = char::from_u32(u32::from(last) + 1)
+        .with_context(|| format!("no character follows the last one of the prefix {prefix:?}"))?;
+    let mut end = chars.as_str().to_owned();
+    end.push(next);
+    Ok(end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn a_prefix_ends_where_its_last_character_would_be_the_next_one() {
+        assert_eq!(prefix_end("topic/").unwrap(), "topic0");
+        assert_eq!(prefix_end("lat-").unwrap(), "lat.");
+        assert_eq!(prefix_end("é").unwrap(), "ê");
+        assert!(prefix_end("").is_err());
+        assert!(
+            prefix_end("a\u{d7ff}").is_err(),
+            "no character follows U+D7FF"
+        );
+        // Every id with the prefix sorts below the end, bytewise.
+        let end = prefix_end("t/").unwrap();
+        for id in ["t/", "t/0/0", "t/\u{10ffff}"] {
+            assert!(id.as_bytes() < end.as_bytes(), "{id}");
+        }
+        assert!("t0".as_bytes() >= end.as_bytes());
     }
 }

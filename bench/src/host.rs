@@ -23,6 +23,7 @@ use weir::serve::ServeError;
 use weir::store::Quota;
 
 use crate::Bench;
+use crate::cpu::CpuSample;
 use crate::kafka::STALL_TIMEOUT;
 use crate::report::PhaseFigures;
 
@@ -249,7 +250,16 @@ pub async fn timed(
     let deployment = deploy(config, bench, binding_id, topic, handler).await?;
     let start = Instant::now();
     let mut host = Host::start(config);
-    let measured = wait_for_all(&mut host, bench, &deployment, last_ids, messages, start).await;
+    let measured = wait_for_all(
+        &mut host,
+        bench,
+        &deployment,
+        topic,
+        last_ids,
+        messages,
+        start,
+    )
+    .await;
     let stopped = host.stop().await;
     let removed = deployment.remove(config).await;
     let figures = measured?;
@@ -262,15 +272,18 @@ async fn wait_for_all(
     host: &mut Host,
     bench: &Bench,
     deployment: &Deployment,
+    topic: &str,
     last_ids: &[String],
     messages: u64,
     start: Instant,
 ) -> anyhow::Result<PhaseFigures> {
     let binding = deployment.binding_id.as_str();
+    // The messages carry no `message-id` header: their ids are `topic/partition/offset`.
+    let ids = format!("{topic}/");
     let schema = &bench.schema;
     let expected = i64::try_from(messages).context("too many messages")?;
     let tails = i64::try_from(last_ids.len()).context("too many partitions")?;
-    let mut first: Option<Instant> = None;
+    let mut first: Option<(Instant, CpuSample)> = None;
     let mut counted = 0;
     let mut counted_at = start;
     let mut progress_at = start;
@@ -278,8 +291,8 @@ async fn wait_for_all(
         tokio::time::sleep(PROBE_EVERY).await;
         host.check().await?;
         if first.is_none() {
-            if schema.any_committed(binding).await? {
-                first = Some(Instant::now());
+            if schema.any_committed(binding, &ids).await? {
+                first = Some((Instant::now(), CpuSample::now()));
             } else if start.elapsed() > STALL_TIMEOUT {
                 bail!(
                     "weir: no message committed within {STALL_TIMEOUT:?} of starting the host \
@@ -291,22 +304,23 @@ async fn wait_for_all(
         if schema.committed_among(binding, last_ids).await? == tails {
             // The run ended when the last messages were seen committed; counting every
             // processed key (to confirm none is missing) takes a while and is not part of it.
-            let end = Instant::now();
-            let all = schema.committed(binding, "").await?;
+            let end = (Instant::now(), CpuSample::now());
+            let all = schema.committed(binding, &ids).await?;
             if all >= expected {
                 if all > expected {
                     bail!("weir: {all} processed keys for {expected} messages");
                 }
-                let first = first.unwrap_or(start);
+                let first = first.unwrap_or(end);
                 return Ok(PhaseFigures::new(
                     messages,
-                    Some(first.duration_since(start).as_secs_f64()),
-                    end.duration_since(first).as_secs_f64(),
-                ));
+                    Some(first.0.duration_since(start).as_secs_f64()),
+                    end.0.duration_since(first.0).as_secs_f64(),
+                )
+                .with_cpu(first.1.per_message(&end.1, messages)));
             }
         }
         if counted_at.elapsed() >= COUNT_EVERY {
-            let now = schema.committed(binding, "").await?;
+            let now = schema.committed(binding, &ids).await?;
             counted_at = Instant::now();
             if now > counted {
                 counted = now;

@@ -27,6 +27,7 @@ use rdkafka::{ClientConfig, ClientContext};
 use weir_acceptance::unique_name;
 
 use crate::Plan;
+use crate::cpu::CpuSample;
 use crate::report::PhaseFigures;
 
 /// A phase that makes no progress for this long has failed.
@@ -333,10 +334,12 @@ fn drain_blocking(bootstrap: &str, topic: &str, messages: u64) -> anyhow::Result
     let mut bytes: u64 = 0;
     let mut last_progress = start;
     let mut last_error = None;
+    let mut cpu_first = None;
     while count < messages {
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(message)) => {
                 last_progress = Instant::now();
+                cpu_first.get_or_insert_with(CpuSample::now);
                 count += 1;
                 bytes += message.payload_len() as u64;
             }
@@ -352,6 +355,7 @@ fn drain_blocking(bootstrap: &str, topic: &str, messages: u64) -> anyhow::Result
         }
     }
     let end = Instant::now();
+    let cpu_end = CpuSample::now();
     std::hint::black_box(bytes);
     // From the assignment, so that librdkafka's first fetches (which run ahead of the first
     // message handed out) count as draining, not as start-up.
@@ -365,7 +369,8 @@ fn drain_blocking(bootstrap: &str, topic: &str, messages: u64) -> anyhow::Result
         messages,
         Some(assigned.duration_since(start).as_secs_f64()),
         end.duration_since(assigned).as_secs_f64(),
-    ))
+    )
+    .with_cpu(cpu_first.unwrap_or(cpu_end).per_message(&cpu_end, messages)))
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@
 //! on failure too, unless `--keep`. Each phase lives in a module of its own; none of them knows
 //! the others.
 
+mod cpu;
 mod database;
 mod host;
 mod io;
@@ -36,6 +37,11 @@ use serde::Serialize;
 use weir_acceptance::{DATABASE_URL_ENV, KAFKA_ENV, unique_name};
 
 use crate::report::Report;
+
+/// The allocator the `weir` binary uses (host/src/main.rs), so that Weir runs here as it
+/// runs in production.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Messages in the throughput topic by default.
 const DEFAULT_MESSAGES: u64 = 200_000;

@@ -9,6 +9,7 @@ use serde::Serialize;
 use weir::config::WeirConfig;
 
 use crate::Plan;
+use crate::cpu::CpuFigures;
 use crate::database::ServerSettings;
 use crate::io::IoFigures;
 use crate::latency::LatencyFigures;
@@ -27,6 +28,8 @@ pub struct PhaseFigures {
     pub seconds: f64,
     /// `messages ÷ seconds`.
     pub msgs_per_second: f64,
+    /// CPU time per message over the phase (none for the fill).
+    pub cpu: CpuFigures,
 }
 
 impl PhaseFigures {
@@ -41,7 +44,13 @@ impl PhaseFigures {
             } else {
                 f64::NAN
             },
+            cpu: CpuFigures::default(),
         }
+    }
+
+    /// The same figures, with the CPU time the phase's messages cost.
+    pub fn with_cpu(self, cpu: CpuFigures) -> Self {
+        Self { cpu, ..self }
     }
 }
 
@@ -215,8 +224,15 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "{:<7} {:>10} {:>11} {:>9} {:>10} {:>8}",
-            "phase", "messages", "start-up s", "seconds", "msg/s", "÷ raw"
+            "{:<7} {:>10} {:>11} {:>9} {:>10} {:>8} {:>13} {:>13}",
+            "phase",
+            "messages",
+            "start-up s",
+            "seconds",
+            "msg/s",
+            "÷ raw",
+            "cpu µs/msg¹",
+            "machine µs²"
         );
         for (name, phase) in [
             ("fill", &self.fill),
@@ -227,15 +243,24 @@ impl Report {
             let startup = phase
                 .startup_seconds
                 .map_or_else(|| "-".to_owned(), |s| format!("{s:.3}"));
+            let micros =
+                |us: Option<f64>| us.map_or_else(|| "-".to_owned(), |us| format!("{us:.2}"));
             let _ = writeln!(
                 out,
-                "{name:<7} {:>10} {startup:>11} {:>9.3} {:>10.0} {:>8.3}",
+                "{name:<7} {:>10} {startup:>11} {:>9.3} {:>10.0} {:>8.3} {:>13} {:>13}",
                 phase.messages,
                 phase.seconds,
                 phase.msgs_per_second,
-                phase.msgs_per_second / self.raw.msgs_per_second
+                phase.msgs_per_second / self.raw.msgs_per_second,
+                micros(phase.cpu.process_us),
+                micros(phase.cpu.machine_us)
             );
         }
+        let _ = writeln!(
+            out,
+            "¹ CPU time of this process (the raw consumer; Weir) per message while the phase drained\n\
+             ² CPU time of the whole machine (this process, the broker, PostgreSQL) per message"
+        );
         let _ = writeln!(
             out,
             "\nweir ÷ raw  = {:.3}\nweir ÷ seed = {:.1}×",

@@ -18,6 +18,7 @@ use rdkafka::message::Message as _;
 use sqlx::{Connection as _, PgConnection};
 use weir_acceptance::unique_name;
 
+use crate::cpu::CpuSample;
 use crate::kafka::{self, STALL_TIMEOUT};
 use crate::report::PhaseFigures;
 
@@ -56,7 +57,7 @@ fn seed_blocking(
         .subscribe(&[topic])
         .with_context(|| format!("seed: cannot subscribe to {topic}"))?;
     let start = Instant::now();
-    let mut first: Option<Instant> = None;
+    let mut first: Option<(Instant, CpuSample)> = None;
     let mut done: u64 = 0;
     let mut last_progress = start;
     let mut last_error = None;
@@ -78,7 +79,7 @@ fn seed_blocking(
                 continue;
             }
         };
-        first.get_or_insert_with(Instant::now);
+        first.get_or_insert_with(|| (Instant::now(), CpuSample::now()));
         let message_id = weir::pipeline::worker::message_id(
             message.topic(),
             message.partition(),
@@ -105,12 +106,13 @@ fn seed_blocking(
         done += 1;
         last_progress = Instant::now();
     }
-    let end = Instant::now();
+    let end = (Instant::now(), CpuSample::now());
     let _ = runtime.block_on(connection.close());
-    let first = first.unwrap_or(start);
+    let first = first.unwrap_or(end);
     Ok(PhaseFigures::new(
         messages,
-        Some(first.duration_since(start).as_secs_f64()),
-        end.duration_since(first).as_secs_f64(),
-    ))
+        Some(first.0.duration_since(start).as_secs_f64()),
+        end.0.duration_since(first.0).as_secs_f64(),
+    )
+    .with_cpu(first.1.per_message(&end.1, messages)))
 }

@@ -2114,6 +2114,152 @@ async fn migrations_run_again_are_a_no_op() {
     );
 }
 
+/// A migrator holding `engine`'s migrations up to `last` (as a database written by an older
+/// Weir has them), copied into `dir`.
+async fn migrations_up_to(
+    engine: &str,
+    last: i64,
+    dir: &std::path::Path,
+) -> sqlx::migrate::Migrator {
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../migrations")
+        .join(engine);
+    for entry in std::fs::read_dir(&source).expect("read the migrations") {
+        let path = entry.expect("a migration").path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_owned();
+        let version: i64 = name
+            .split('_')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .expect("numbered");
+        if version <= last {
+            std::fs::copy(&path, dir.join(&name)).expect("copy a migration");
+        }
+    }
+    sqlx::migrate::Migrator::new(dir)
+        .await
+        .expect("load the migrations")
+}
+
+/// Migration 0006 rebuilt the processed keys' primary key (message id first). A database
+/// written before it keeps every processed key: a message committed then is still a duplicate
+/// after the upgrade, on both engines.
+#[tokio::test]
+async fn upgrading_the_processed_key_order_keeps_every_processed_key() {
+    let old_keys = [(BINDING, "m1"), (BINDING, "m2"), ("other-binding", "m3")];
+    let check = |store: Arc<dyn Store>| async move {
+        let batch = [
+            completion("m1", "k", vec![set("a", "1")], &[]),
+            completion("m2", "k", vec![], &[]),
+            completion("m3", "k", vec![], &[]),
+            completion("m4", "k", vec![], &[]),
+        ];
+        // m3 was processed by another binding: new to this one.
+        assert_eq!(
+            store.commit(&batch).await.unwrap(),
+            vec![Duplicate, Duplicate, Committed, Committed]
+        );
+        assert_eq!(
+            state(&*store, "k", "a").await,
+            None,
+            "a duplicate's write applied"
+        );
+        assert_eq!(store.commit(&batch).await.unwrap(), vec![Duplicate; 4]);
+    };
+
+    // PostgreSQL: a schema at migration 0005 with processed keys, then today's migrations.
+    let url = weir_acceptance::services().database_url;
+    let admin = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .expect("connect to postgresql");
+    let schema = weir_acceptance::unique_name("upgrade");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let schema_url = format!("{url}{separator}options=-c%20search_path%3D{schema}");
+    let old = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&schema_url)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    migrations_up_to("postgres", 5, dir.path())
+        .await
+        .run(&old)
+        .await
+        .unwrap();
+    for (binding, message) in old_keys {
+        sqlx::query("INSERT INTO processed_keys (binding_id, message_id) VALUES ($1, $2)")
+            .bind(binding)
+            .bind(message)
+            .execute(&old)
+            .await
+            .unwrap();
+    }
+    old.close().await;
+    let store = weir::store::connect(&schema_url)
+        .await
+        .expect("connect and migrate");
+    let columns: Vec<String> = sqlx::query_scalar(
+        "SELECT a.attname::text FROM pg_index i \
+         JOIN pg_class c ON c.oid = i.indrelid \
+         JOIN pg_namespace n ON n.oid = c.relnamespace \
+         CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) \
+         JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum \
+         WHERE i.indisprimary AND c.relname = 'processed_keys' AND n.nspname = $1 \
+         ORDER BY k.ord",
+    )
+    .bind(&schema)
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    assert_eq!(columns, ["message_id", "binding_id"]);
+    check(store.clone()).await;
+    store.close().await;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+        .execute(&admin)
+        .await
+        .unwrap();
+
+    // SQLite: the same, in a file.
+    let db = tempfile::tempdir().unwrap();
+    let sqlite_url = format!("sqlite://{}?mode=rwc", db.path().join("weir.db").display());
+    let old = sqlx::sqlite::SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect(&sqlite_url)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    migrations_up_to("sqlite", 5, dir.path())
+        .await
+        .run(&old)
+        .await
+        .unwrap();
+    for (binding, message) in old_keys {
+        sqlx::query(
+            "INSERT INTO processed_keys (binding_id, message_id, processed_at) VALUES ($1, $2, 0)",
+        )
+        .bind(binding)
+        .bind(message)
+        .execute(&old)
+        .await
+        .unwrap();
+    }
+    old.close().await;
+    let url = format!("sqlite://{}", db.path().join("weir.db").display());
+    let store = weir::store::connect(&url).await.expect("open and migrate");
+    check(store.clone()).await;
+    store.close().await;
+}
+
 #[tokio::test]
 async fn sqlite_in_memory_is_one_database() {
     let store = weir::store::connect("sqlite::memory:").await.unwrap();
