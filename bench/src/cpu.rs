@@ -75,7 +75,9 @@ fn process_ticks() -> Option<f64> {
     Some(utime + stime)
 }
 
-/// Every core's busy time, in clock ticks: the first line of `/proc/stat` less idle and iowait.
+/// Every core's busy time, in clock ticks, from the first line of `/proc/stat`: user, nice,
+/// system, irq and softirq. Idle, iowait and steal (time the hypervisor gave to another
+/// machine) are not this machine's work; guest time is already counted in user.
 fn machine_busy_ticks() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let line = stat.lines().next()?;
@@ -83,11 +85,14 @@ fn machine_busy_ticks() -> Option<f64> {
     if fields.next()? != "cpu" {
         return None;
     }
-    let values: Vec<f64> = fields.map(|f| f.parse().ok()).collect::<Option<_>>()?;
-    // user nice system idle iowait irq softirq steal [guest guest_nice]; guest time is
-    // already counted in user.
-    let busy: f64 = values.iter().take(8).sum::<f64>() - values.get(3)? - values.get(4)?;
-    Some(busy)
+    let values: Vec<f64> = fields
+        .take(7)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    let [user, nice, system, _idle, _iowait, irq, softirq] = values[..] else {
+        return None;
+    };
+    Some(user + nice + system + irq + softirq)
 }
 
 #[cfg(test)]
