@@ -3,8 +3,10 @@
 //! as with `tests/services`).
 //!
 //! On a machine the broker, the database and the host share, a phase's rate swings by ±15 %
-//! between runs; the CPU time a message costs moves much less, so it is the figure to compare
-//! two builds by. Read from Linux's `/proc`; elsewhere the figures are absent.
+//! between runs, and the CPU time a message costs moves too (the machine's speed varies with
+//! what else its host runs): it says where the time went and what the cores allow, and two
+//! builds compare only over alternating runs. Read from Linux's `/proc`; elsewhere the figures
+//! are absent.
 //!
 //! Owns the reading of `/proc/self/stat` and `/proc/stat`; knows nothing of the phases.
 

@@ -3,7 +3,8 @@
 //!
 //! Owns the schema's life (created at the start, dropped with everything in it at the end),
 //! the store URL that points Weir at it (`search_path`), the baseline's table
-//! (`seed_processed_keys`, the shape of Weir's processed keys), and the read-only queries on
+//! (`seed_processed_keys`, the shape of Weir's processed keys: the primary key led by the
+//! message id, bytewise), and the read-only queries on
 //! `processed_keys` that tell when a phase is done and when each message committed. A schema of
 //! its own keeps the run apart from whatever else the database holds: the host started by the
 //! benchmark reconciles *every* binding of its store, and the tests leave bindings behind.
@@ -80,10 +81,10 @@ impl BenchSchema {
                 .context("cannot connect to the benchmark schema")?;
             sqlx::query(
                 "CREATE TABLE seed_processed_keys (\
-                     binding_id   text        NOT NULL, \
-                     message_id   text        NOT NULL, \
+                     binding_id   text COLLATE \"C\" NOT NULL, \
+                     message_id   text COLLATE \"C\" NOT NULL, \
                      processed_at timestamptz NOT NULL DEFAULT now(), \
-                     PRIMARY KEY (binding_id, message_id))",
+                     PRIMARY KEY (message_id, binding_id))",
             )
             .execute(&pool)
             .await

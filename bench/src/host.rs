@@ -283,6 +283,7 @@ async fn wait_for_all(
     let schema = &bench.schema;
     let expected = i64::try_from(messages).context("too many messages")?;
     let tails = i64::try_from(last_ids.len()).context("too many partitions")?;
+    let cpu_start = CpuSample::now();
     let mut first: Option<(Instant, CpuSample)> = None;
     let mut counted = 0;
     let mut counted_at = start;
@@ -310,7 +311,7 @@ async fn wait_for_all(
                 if all > expected {
                     bail!("weir: {all} processed keys for {expected} messages");
                 }
-                let first = first.unwrap_or(end);
+                let first = first.unwrap_or((start, cpu_start));
                 return Ok(PhaseFigures::new(
                     messages,
                     Some(first.0.duration_since(start).as_secs_f64()),

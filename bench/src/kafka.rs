@@ -302,10 +302,11 @@ pub async fn drain(bootstrap: &str, topic: &str, messages: u64) -> anyhow::Resul
         .context("the raw consumer's thread failed")?
 }
 
-/// Remembers when the group first assigned the consumer its partitions.
+/// Remembers when the group first assigned the consumer its partitions, and the CPU counters
+/// then.
 #[derive(Default)]
 struct AssignmentClock {
-    assigned: Mutex<Option<Instant>>,
+    assigned: Mutex<Option<(Instant, CpuSample)>>,
 }
 
 impl ClientContext for AssignmentClock {}
@@ -316,7 +317,7 @@ impl ConsumerContext for AssignmentClock {
             self.assigned
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .get_or_insert_with(Instant::now);
+                .get_or_insert_with(|| (Instant::now(), CpuSample::now()));
         }
     }
 }
@@ -326,6 +327,9 @@ fn drain_blocking(bootstrap: &str, topic: &str, messages: u64) -> anyhow::Result
         consumer_config(bootstrap, &unique_name("weir_bench_raw"))
             .create_with_context(AssignmentClock::default())
             .with_context(|| format!("cannot create a Kafka consumer for {bootstrap}"))?;
+    // A first reading before the clock starts: it also learns the length of a clock tick once
+    // (a `getconf` process) outside the measured drain.
+    let cpu_start = CpuSample::now();
     consumer
         .subscribe(&[topic])
         .with_context(|| format!("raw: cannot subscribe to {topic}"))?;
@@ -334,12 +338,10 @@ fn drain_blocking(bootstrap: &str, topic: &str, messages: u64) -> anyhow::Result
     let mut bytes: u64 = 0;
     let mut last_progress = start;
     let mut last_error = None;
-    let mut cpu_first = None;
     while count < messages {
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(message)) => {
                 last_progress = Instant::now();
-                cpu_first.get_or_insert_with(CpuSample::now);
                 count += 1;
                 bytes += message.payload_len() as u64;
             }
@@ -358,19 +360,19 @@ fn drain_blocking(bootstrap: &str, topic: &str, messages: u64) -> anyhow::Result
     let cpu_end = CpuSample::now();
     std::hint::black_box(bytes);
     // From the assignment, so that librdkafka's first fetches (which run ahead of the first
-    // message handed out) count as draining, not as start-up.
-    let assigned = consumer
+    // message handed out) count as draining, not as start-up: its time and its CPU alike.
+    let (assigned, cpu_assigned) = consumer
         .context()
         .assigned
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .unwrap_or(start);
+        .unwrap_or((start, cpu_start));
     Ok(PhaseFigures::new(
         messages,
         Some(assigned.duration_since(start).as_secs_f64()),
         end.duration_since(assigned).as_secs_f64(),
     )
-    .with_cpu(cpu_first.unwrap_or(cpu_end).per_message(&cpu_end, messages)))
+    .with_cpu(cpu_assigned.per_message(&cpu_end, messages)))
 }
 
 #[cfg(test)]

@@ -57,6 +57,7 @@ fn seed_blocking(
         .subscribe(&[topic])
         .with_context(|| format!("seed: cannot subscribe to {topic}"))?;
     let start = Instant::now();
+    let cpu_start = CpuSample::now();
     let mut first: Option<(Instant, CpuSample)> = None;
     let mut done: u64 = 0;
     let mut last_progress = start;
@@ -108,7 +109,7 @@ fn seed_blocking(
     }
     let end = (Instant::now(), CpuSample::now());
     let _ = runtime.block_on(connection.close());
-    let first = first.unwrap_or(end);
+    let first = first.unwrap_or((start, cpu_start));
     Ok(PhaseFigures::new(
         messages,
         Some(first.0.duration_since(start).as_secs_f64()),

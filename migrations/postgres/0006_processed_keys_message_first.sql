@@ -3,11 +3,12 @@
 --
 -- Every insertion into the primary key compares the new key with about twenty others. Led by
 -- the binding id, each comparison first went through the binding id, the same for every row of a
--- binding; led by the message id, comparisons mostly end at its first differing byte. Under a
--- database's default collation other than C, each comparison also went through strcoll. Together
--- this was about a fifth of PostgreSQL's time per processed message (docs/PERFORMANCE.md).
+-- binding; led by the message id, comparisons mostly end at its first differing byte. Comparing
+-- keys was about a fifth of PostgreSQL's time per processed message, measured on a server whose
+-- collation is C (docs/PERFORMANCE.md). Under any other default collation each comparison also
+-- went through strcoll, which COLLATE "C" ends.
 --
--- Nothing looks processed keys up by binding alone: commits look up whole keys, and the
+-- The host never looks processed keys up by binding alone: commits look up whole keys, and the
 -- retention sweep goes by age. Changing only the collation does not rewrite the table; the
 -- primary key is built again, once, when this migration runs.
 ALTER TABLE processed_keys

@@ -1837,6 +1837,19 @@ struct PgFixture {
 
 impl PgFixture {
     async fn new() -> Self {
+        let (admin, schema) = Self::schema().await;
+        let store = weir::store::connect(&Self::url(&schema))
+            .await
+            .expect("connect and migrate");
+        Self {
+            store,
+            admin,
+            schema,
+        }
+    }
+
+    /// An administrative connection and a fresh, empty schema.
+    async fn schema() -> (sqlx::PgPool, String) {
         let url = weir_acceptance::services().database_url;
         let admin = sqlx::postgres::PgPoolOptions::new()
             .max_connections(1)
@@ -1849,21 +1862,70 @@ impl PgFixture {
             .execute(&admin)
             .await
             .expect("create schema");
+        (admin, schema)
+    }
+
+    /// The store URL of `schema`.
+    fn url(schema: &str) -> String {
+        let url = weir_acceptance::services().database_url;
         let separator = if url.contains('?') { '&' } else { '?' };
-        let store = weir::store::connect(&format!(
-            "{url}{separator}options=-c%20search_path%3D{schema}&application_name={schema}"
-        ))
-        .await
-        .expect("connect and migrate");
-        Self {
-            store,
-            admin,
-            schema,
-        }
+        format!("{url}{separator}options=-c%20search_path%3D{schema}&application_name={schema}")
+    }
+
+    /// A schema holding the store as migrations up to `last` left it, and no store yet.
+    async fn at_migration(last: i64) -> PgSchema {
+        let (admin, schema) = Self::schema().await;
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let pool = PgSchema::pool(&schema).await;
+        migrations_up_to("postgres", last, dir.path())
+            .await
+            .run(&pool)
+            .await
+            .expect("migrate to the older version");
+        pool.close().await;
+        PgSchema { admin, schema }
     }
 
     async fn drop(self) {
         self.store.close().await;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP SCHEMA {} CASCADE",
+            self.schema
+        )))
+        .execute(&self.admin)
+        .await
+        .expect("drop schema");
+    }
+}
+
+/// A PostgreSQL schema the test migrates itself.
+struct PgSchema {
+    admin: sqlx::PgPool,
+    schema: String,
+}
+
+impl PgSchema {
+    async fn pool(schema: &str) -> sqlx::PgPool {
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&PgFixture::url(schema))
+            .await
+            .expect("connect to the schema")
+    }
+
+    /// A connection working in the schema.
+    async fn admin_in_schema(&self) -> sqlx::PgPool {
+        Self::pool(&self.schema).await
+    }
+
+    /// The store on the schema, migrated to today's version.
+    async fn migrate(&self) -> Arc<dyn Store> {
+        weir::store::connect(&PgFixture::url(&self.schema))
+            .await
+            .expect("connect and migrate")
+    }
+
+    async fn drop_schema(self) {
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "DROP SCHEMA {} CASCADE",
             self.schema
@@ -2126,6 +2188,9 @@ async fn migrations_up_to(
         .join(engine);
     for entry in std::fs::read_dir(&source).expect("read the migrations") {
         let path = entry.expect("a migration").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("sql") {
+            continue;
+        }
         let name = path
             .file_name()
             .and_then(|n| n.to_str())
@@ -2145,12 +2210,19 @@ async fn migrations_up_to(
         .expect("load the migrations")
 }
 
-/// Migration 0006 rebuilt the processed keys' primary key (message id first). A database
-/// written before it keeps every processed key: a message committed then is still a duplicate
-/// after the upgrade, on both engines.
+/// Migration 0006 rebuilt the processed keys' primary key (message id first, bytewise). A
+/// database written before it keeps every processed key and its age: a message committed then
+/// is still a duplicate after the upgrade, and the retention sweep still finds it old, on both
+/// engines.
 #[tokio::test]
 async fn upgrading_the_processed_key_order_keeps_every_processed_key() {
-    let old_keys = [(BINDING, "m1"), (BINDING, "m2"), ("other-binding", "m3")];
+    // Processed in 2020, before the upgrade; `{at}` is how the engine writes that time.
+    let old_keys = |at: &str| {
+        format!(
+            "INSERT INTO processed_keys (binding_id, message_id, processed_at) VALUES \
+             ('{BINDING}', 'm1', {at}), ('{BINDING}', 'm2', {at}), ('other-binding', 'm3', {at})"
+        )
+    };
     let check = |store: Arc<dyn Store>| async move {
         let batch = [
             completion("m1", "k", vec![set("a", "1")], &[]),
@@ -2169,72 +2241,44 @@ async fn upgrading_the_processed_key_order_keeps_every_processed_key() {
             "a duplicate's write applied"
         );
         assert_eq!(store.commit(&batch).await.unwrap(), vec![Duplicate; 4]);
+        // The three keys from 2020 kept their age: the sweep takes them and nothing else.
+        let cutoff = Utc.with_ymd_and_hms(2021, 1, 1, 0, 0, 0).unwrap();
+        assert_eq!(store.sweep_processed_keys(cutoff).await.unwrap(), 3);
+        store.close().await;
     };
 
     // PostgreSQL: a schema at migration 0005 with processed keys, then today's migrations.
-    let url = weir_acceptance::services().database_url;
-    let admin = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&url)
-        .await
-        .expect("connect to postgresql");
-    let schema = weir_acceptance::unique_name("upgrade");
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-        .execute(&admin)
+    let fixture = PgFixture::at_migration(5).await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(old_keys("'2020-06-01T00:00:00Z'")))
+        .execute(&fixture.admin_in_schema().await)
         .await
         .unwrap();
-    let separator = if url.contains('?') { '&' } else { '?' };
-    let schema_url = format!("{url}{separator}options=-c%20search_path%3D{schema}");
-    let old = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&schema_url)
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    migrations_up_to("postgres", 5, dir.path())
-        .await
-        .run(&old)
-        .await
-        .unwrap();
-    for (binding, message) in old_keys {
-        sqlx::query("INSERT INTO processed_keys (binding_id, message_id) VALUES ($1, $2)")
-            .bind(binding)
-            .bind(message)
-            .execute(&old)
-            .await
-            .unwrap();
-    }
-    old.close().await;
-    let store = weir::store::connect(&schema_url)
-        .await
-        .expect("connect and migrate");
-    let columns: Vec<String> = sqlx::query_scalar(
-        "SELECT a.attname::text FROM pg_index i \
+    let store = fixture.migrate().await;
+    let key: Vec<(String, String)> = sqlx::query_as(
+        "SELECT a.attname::text, coalesce(co.collname::text, '') FROM pg_index i \
          JOIN pg_class c ON c.oid = i.indrelid \
          JOIN pg_namespace n ON n.oid = c.relnamespace \
          CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) \
          JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum \
+         LEFT JOIN pg_collation co ON co.oid = a.attcollation \
          WHERE i.indisprimary AND c.relname = 'processed_keys' AND n.nspname = $1 \
          ORDER BY k.ord",
     )
-    .bind(&schema)
-    .fetch_all(&admin)
+    .bind(&fixture.schema)
+    .fetch_all(&fixture.admin)
     .await
     .unwrap();
-    assert_eq!(columns, ["message_id", "binding_id"]);
-    check(store.clone()).await;
-    store.close().await;
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
-        .execute(&admin)
-        .await
-        .unwrap();
+    let c = |column: &str| (column.to_owned(), "C".to_owned());
+    assert_eq!(key, [c("message_id"), c("binding_id")]);
+    check(store).await;
+    fixture.drop_schema().await;
 
     // SQLite: the same, in a file.
     let db = tempfile::tempdir().unwrap();
-    let sqlite_url = format!("sqlite://{}?mode=rwc", db.path().join("weir.db").display());
+    let url = format!("sqlite://{}", db.path().join("weir.db").display());
     let old = sqlx::sqlite::SqlitePoolOptions::new()
         .max_connections(1)
-        .connect(&sqlite_url)
+        .connect(&format!("{url}?mode=rwc"))
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -2243,21 +2287,25 @@ async fn upgrading_the_processed_key_order_keeps_every_processed_key() {
         .run(&old)
         .await
         .unwrap();
-    for (binding, message) in old_keys {
-        sqlx::query(
-            "INSERT INTO processed_keys (binding_id, message_id, processed_at) VALUES ($1, $2, 0)",
-        )
-        .bind(binding)
-        .bind(message)
+    let micros = Utc
+        .with_ymd_and_hms(2020, 6, 1, 0, 0, 0)
+        .unwrap()
+        .timestamp_micros();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(old_keys(&micros.to_string())))
         .execute(&old)
         .await
         .unwrap();
-    }
     old.close().await;
-    let url = format!("sqlite://{}", db.path().join("weir.db").display());
     let store = weir::store::connect(&url).await.expect("open and migrate");
-    check(store.clone()).await;
-    store.close().await;
+    let key: Vec<String> = sqlx::query_scalar(
+        "SELECT k.name FROM pragma_index_list('processed_keys') i, pragma_index_info(i.name) k \
+         WHERE i.origin = 'pk' ORDER BY k.seqno",
+    )
+    .fetch_all(&sqlx::SqlitePool::connect(&url).await.unwrap())
+    .await
+    .unwrap();
+    assert_eq!(key, ["message_id", "binding_id"]);
+    check(store).await;
 }
 
 #[tokio::test]
