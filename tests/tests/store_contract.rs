@@ -1888,14 +1888,15 @@ impl PgFixture {
 
     async fn drop(self) {
         self.store.close().await;
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP SCHEMA {} CASCADE",
-            self.schema
-        )))
-        .execute(&self.admin)
+        drop_schema(&self.admin, &self.schema).await;
+    }
+}
+
+async fn drop_schema(admin: &sqlx::PgPool, schema: &str) {
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+        .execute(admin)
         .await
         .expect("drop schema");
-    }
 }
 
 /// A PostgreSQL schema the test migrates itself.
@@ -1926,13 +1927,7 @@ impl PgSchema {
     }
 
     async fn drop_schema(self) {
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP SCHEMA {} CASCADE",
-            self.schema
-        )))
-        .execute(&self.admin)
-        .await
-        .expect("drop schema");
+        drop_schema(&self.admin, &self.schema).await;
     }
 }
 
