@@ -38,11 +38,6 @@ use weir_acceptance::{DATABASE_URL_ENV, KAFKA_ENV, unique_name};
 
 use crate::report::Report;
 
-/// The allocator the `weir` binary uses (host/src/main.rs), so that Weir runs here as it
-/// runs in production.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Messages in the throughput topic by default.
 const DEFAULT_MESSAGES: u64 = 200_000;
 /// Payload size by default: 1 KiB, the size the invocation benchmark's middle row uses.
