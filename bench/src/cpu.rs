@@ -10,6 +10,8 @@
 //!
 //! Owns the reading of `/proc/self/stat` and `/proc/stat`; knows nothing of the phases.
 
+use std::time::Instant;
+
 use serde::Serialize;
 
 /// CPU seconds used so far: by this process (user + system) and by the whole machine (every
@@ -39,6 +41,25 @@ impl CpuSample {
         CpuFigures {
             process_us: per(self.process, later.process),
             machine_us: per(self.machine, later.machine),
+        }
+    }
+}
+
+/// An instant of a phase and the CPU counters then: where its clock starts or stops.
+#[derive(Debug, Clone, Copy)]
+pub struct Mark {
+    /// When.
+    pub at: Instant,
+    /// The counters then.
+    pub cpu: CpuSample,
+}
+
+impl Mark {
+    /// Now.
+    pub fn now() -> Self {
+        Self {
+            at: Instant::now(),
+            cpu: CpuSample::now(),
         }
     }
 }

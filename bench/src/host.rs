@@ -23,7 +23,7 @@ use weir::serve::ServeError;
 use weir::store::Quota;
 
 use crate::Bench;
-use crate::cpu::CpuSample;
+use crate::cpu::Mark;
 use crate::kafka::STALL_TIMEOUT;
 use crate::report::PhaseFigures;
 
@@ -283,8 +283,11 @@ async fn wait_for_all(
     let schema = &bench.schema;
     let expected = i64::try_from(messages).context("too many messages")?;
     let tails = i64::try_from(last_ids.len()).context("too many partitions")?;
-    let cpu_start = CpuSample::now();
-    let mut first: Option<(Instant, CpuSample)> = None;
+    let started = Mark {
+        at: start,
+        cpu: crate::cpu::CpuSample::now(),
+    };
+    let mut first: Option<Mark> = None;
     let mut counted = 0;
     let mut counted_at = start;
     let mut progress_at = start;
@@ -293,7 +296,7 @@ async fn wait_for_all(
         host.check().await?;
         if first.is_none() {
             if schema.any_committed(binding, &ids).await? {
-                first = Some((Instant::now(), CpuSample::now()));
+                first = Some(Mark::now());
             } else if start.elapsed() > STALL_TIMEOUT {
                 bail!(
                     "weir: no message committed within {STALL_TIMEOUT:?} of starting the host \
@@ -305,19 +308,18 @@ async fn wait_for_all(
         if schema.committed_among(binding, last_ids).await? == tails {
             // The run ended when the last messages were seen committed; counting every
             // processed key (to confirm none is missing) takes a while and is not part of it.
-            let end = (Instant::now(), CpuSample::now());
+            let end = Mark::now();
             let all = schema.committed(binding, &ids).await?;
             if all >= expected {
                 if all > expected {
                     bail!("weir: {all} processed keys for {expected} messages");
                 }
-                let first = first.unwrap_or((start, cpu_start));
-                return Ok(PhaseFigures::new(
+                return Ok(PhaseFigures::drained(
                     messages,
-                    Some(first.0.duration_since(start).as_secs_f64()),
-                    end.0.duration_since(first.0).as_secs_f64(),
-                )
-                .with_cpu(first.1.per_message(&end.1, messages)));
+                    start,
+                    first.unwrap_or(started),
+                    end,
+                ));
             }
         }
         if counted_at.elapsed() >= COUNT_EVERY {

@@ -27,7 +27,7 @@ use rdkafka::{ClientConfig, ClientContext};
 use weir_acceptance::unique_name;
 
 use crate::Plan;
-use crate::cpu::CpuSample;
+use crate::cpu::Mark;
 use crate::report::PhaseFigures;
 
 /// A phase that makes no progress for this long has failed.
@@ -306,7 +306,7 @@ pub async fn drain(bootstrap: &str, topic: &str, messages: u64) -> anyhow::Resul
 /// then.
 #[derive(Default)]
 struct AssignmentClock {
-    assigned: Mutex<Option<(Instant, CpuSample)>>,
+    assigned: Mutex<Option<Mark>>,
 }
 
 impl ClientContext for AssignmentClock {}
@@ -317,7 +317,7 @@ impl ConsumerContext for AssignmentClock {
             self.assigned
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .get_or_insert_with(|| (Instant::now(), CpuSample::now()));
+                .get_or_insert_with(Mark::now);
         }
     }
 }
@@ -327,16 +327,16 @@ fn drain_blocking(bootstrap: &str, topic: &str, messages: u64) -> anyhow::Result
         consumer_config(bootstrap, &unique_name("weir_bench_raw"))
             .create_with_context(AssignmentClock::default())
             .with_context(|| format!("cannot create a Kafka consumer for {bootstrap}"))?;
-    // A first reading before the clock starts: it also learns the length of a clock tick once
-    // (a `getconf` process) outside the measured drain.
-    let cpu_start = CpuSample::now();
+    // A first reading before the clock starts learns the length of a clock tick (a `getconf`
+    // process, once) outside the measured drain.
+    let _ = crate::cpu::CpuSample::now();
     consumer
         .subscribe(&[topic])
         .with_context(|| format!("raw: cannot subscribe to {topic}"))?;
-    let start = Instant::now();
+    let start = Mark::now();
     let mut count: u64 = 0;
     let mut bytes: u64 = 0;
-    let mut last_progress = start;
+    let mut last_progress = start.at;
     let mut last_error = None;
     while count < messages {
         match consumer.poll(Duration::from_millis(100)) {
@@ -356,23 +356,17 @@ fn drain_blocking(bootstrap: &str, topic: &str, messages: u64) -> anyhow::Result
             );
         }
     }
-    let end = Instant::now();
-    let cpu_end = CpuSample::now();
+    let end = Mark::now();
     std::hint::black_box(bytes);
     // From the assignment, so that librdkafka's first fetches (which run ahead of the first
     // message handed out) count as draining, not as start-up: its time and its CPU alike.
-    let (assigned, cpu_assigned) = consumer
+    let assigned = consumer
         .context()
         .assigned
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .unwrap_or((start, cpu_start));
-    Ok(PhaseFigures::new(
-        messages,
-        Some(assigned.duration_since(start).as_secs_f64()),
-        end.duration_since(assigned).as_secs_f64(),
-    )
-    .with_cpu(cpu_assigned.per_message(&cpu_end, messages)))
+        .unwrap_or(start);
+    Ok(PhaseFigures::drained(messages, start.at, assigned, end))
 }
 
 #[cfg(test)]

@@ -4,12 +4,13 @@
 //! Owns the figures' types and their presentation; computes nothing but ratios.
 
 use std::fmt::{self, Write as _};
+use std::time::Instant;
 
 use serde::Serialize;
 use weir::config::WeirConfig;
 
 use crate::Plan;
-use crate::cpu::CpuFigures;
+use crate::cpu::{CpuFigures, Mark};
 use crate::database::ServerSettings;
 use crate::io::IoFigures;
 use crate::latency::LatencyFigures;
@@ -48,9 +49,17 @@ impl PhaseFigures {
         }
     }
 
-    /// The same figures, with the CPU time the phase's messages cost.
-    pub fn with_cpu(self, cpu: CpuFigures) -> Self {
-        Self { cpu, ..self }
+    /// The figures of a phase started at `start` whose `messages` messages drained from `from`
+    /// (the end of its start-up) to `to`: time and CPU alike.
+    pub fn drained(messages: u64, start: Instant, from: Mark, to: Mark) -> Self {
+        Self {
+            cpu: from.cpu.per_message(&to.cpu, messages),
+            ..Self::new(
+                messages,
+                Some(from.at.duration_since(start).as_secs_f64()),
+                to.at.duration_since(from.at).as_secs_f64(),
+            )
+        }
     }
 }
 
@@ -234,6 +243,7 @@ impl Report {
             "cpu µs/msg¹",
             "machine µs²"
         );
+        let micros = |us: Option<f64>| us.map_or_else(|| "-".to_owned(), |us| format!("{us:.2}"));
         for (name, phase) in [
             ("fill", &self.fill),
             ("raw", &self.raw),
@@ -243,8 +253,6 @@ impl Report {
             let startup = phase
                 .startup_seconds
                 .map_or_else(|| "-".to_owned(), |s| format!("{s:.3}"));
-            let micros =
-                |us: Option<f64>| us.map_or_else(|| "-".to_owned(), |us| format!("{us:.2}"));
             let _ = writeln!(
                 out,
                 "{name:<7} {:>10} {startup:>11} {:>9.3} {:>10.0} {:>8.3} {:>13} {:>13}",

@@ -18,7 +18,7 @@ use rdkafka::message::Message as _;
 use sqlx::{Connection as _, PgConnection};
 use weir_acceptance::unique_name;
 
-use crate::cpu::CpuSample;
+use crate::cpu::Mark;
 use crate::kafka::{self, STALL_TIMEOUT};
 use crate::report::PhaseFigures;
 
@@ -56,11 +56,10 @@ fn seed_blocking(
     consumer
         .subscribe(&[topic])
         .with_context(|| format!("seed: cannot subscribe to {topic}"))?;
-    let start = Instant::now();
-    let cpu_start = CpuSample::now();
-    let mut first: Option<(Instant, CpuSample)> = None;
+    let start = Mark::now();
+    let mut first: Option<Mark> = None;
     let mut done: u64 = 0;
-    let mut last_progress = start;
+    let mut last_progress = start.at;
     let mut last_error = None;
     while done < messages {
         let message = match consumer.poll(Duration::from_millis(100)) {
@@ -80,7 +79,7 @@ fn seed_blocking(
                 continue;
             }
         };
-        first.get_or_insert_with(|| (Instant::now(), CpuSample::now()));
+        first.get_or_insert_with(Mark::now);
         let message_id = weir::pipeline::worker::message_id(
             message.topic(),
             message.partition(),
@@ -107,13 +106,12 @@ fn seed_blocking(
         done += 1;
         last_progress = Instant::now();
     }
-    let end = (Instant::now(), CpuSample::now());
+    let end = Mark::now();
     let _ = runtime.block_on(connection.close());
-    let first = first.unwrap_or((start, cpu_start));
-    Ok(PhaseFigures::new(
+    Ok(PhaseFigures::drained(
         messages,
-        Some(first.0.duration_since(start).as_secs_f64()),
-        end.0.duration_since(first.0).as_secs_f64(),
-    )
-    .with_cpu(first.1.per_message(&end.1, messages)))
+        start.at,
+        first.unwrap_or(start),
+        end,
+    ))
 }
