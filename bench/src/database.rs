@@ -4,12 +4,14 @@
 //! Owns the schema's life (created at the start, dropped with everything in it at the end),
 //! the store URL that points Weir at it (`search_path`), the baseline's table
 //! (`seed_processed_keys`, the shape of Weir's processed keys: the primary key led by the
-//! message id, bytewise), and the read-only queries on
-//! `processed_keys` that tell when a phase is done and when each message committed. A schema of
-//! its own keeps the run apart from whatever else the database holds: the host started by the
-//! benchmark reconciles *every* binding of its store, and the tests leave bindings behind.
+//! message id, bytewise), and the read-only queries on Weir's processed keys that tell when a
+//! phase is done and when each message committed. A schema of its own keeps the run apart from
+//! whatever else the database holds: the host started by the benchmark reconciles *every*
+//! binding of its store, and the tests leave bindings behind.
 //!
-//! Knows nothing of Kafka or of how Weir writes the rows; it only reads them.
+//! Knows the two forms of Weir's processed keys (a row of `processed_keys`; a bit of a
+//! `processed_offsets` block for an id that names a Kafka position, [`weir::store::position`])
+//! only to read them; it writes none.
 
 use std::time::Duration;
 
@@ -147,29 +149,84 @@ impl BenchSchema {
         })
     }
 
-    /// Whether `binding` has committed any message whose id starts with `prefix` yet (asked
-    /// until it has: the count is of a few rows at most).
-    pub async fn any_committed(&self, binding: &str, prefix: &str) -> anyhow::Result<bool> {
-        Ok(self.committed(binding, prefix).await? > 0)
-    }
-
-    /// How many of `message_ids` `binding` has committed.
-    pub async fn committed_among(
-        &self,
-        binding: &str,
-        message_ids: &[String],
-    ) -> anyhow::Result<i64> {
+    /// Whether `binding` has committed any message of `topic` read without a `message-id`
+    /// header (named by its position) yet.
+    pub async fn any_position_committed(&self, binding: &str, topic: &str) -> anyhow::Result<bool> {
         sqlx::query_scalar(
-            "SELECT count(*) FROM processed_keys WHERE binding_id = $1 AND message_id = ANY($2)",
+            "SELECT EXISTS (SELECT 1 FROM processed_offsets WHERE binding_id = $1 AND topic = $2)",
         )
         .bind(binding)
-        .bind(message_ids)
+        .bind(topic)
         .fetch_one(&self.pool)
         .await
         .context("cannot read processed keys")
     }
 
-    /// How many messages `binding` has committed whose id starts with `prefix`.
+    /// How many messages of `topic` read without a `message-id` header `binding` has
+    /// committed: the bits of its blocks.
+    pub async fn positions_committed(&self, binding: &str, topic: &str) -> anyhow::Result<i64> {
+        let masks: Vec<i64> = sqlx::query_scalar(
+            "SELECT mask FROM processed_offsets WHERE binding_id = $1 AND topic = $2",
+        )
+        .bind(binding)
+        .bind(topic)
+        .fetch_all(&self.pool)
+        .await
+        .context("cannot read processed keys")?;
+        Ok(masks.iter().map(|mask| i64::from(mask.count_ones())).sum())
+    }
+
+    /// How many of `message_ids` `binding` has committed, in either form.
+    pub async fn committed_among(
+        &self,
+        binding: &str,
+        message_ids: &[String],
+    ) -> anyhow::Result<i64> {
+        let (mut topics, mut partitions, mut offsets) = (Vec::new(), Vec::new(), Vec::new());
+        let mut rows = Vec::new();
+        for id in message_ids {
+            match weir::store::position(id) {
+                Some((topic, partition, offset)) => {
+                    topics.push(topic);
+                    partitions.push(partition);
+                    offsets.push(offset);
+                }
+                None => rows.push(id.as_str()),
+            }
+        }
+        let in_rows: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM processed_keys WHERE binding_id = $1 AND message_id = ANY($2)",
+        )
+        .bind(binding)
+        .bind(&rows)
+        .fetch_one(&self.pool)
+        .await
+        .context("cannot read processed keys")?;
+        let in_blocks: i64 = sqlx::query_scalar(
+            // One primary-key lookup per id (`OFFSET 0` keeps the planner from turning the
+            // lateral lookups into a scan of all the binding's blocks and a hash join: this
+            // runs every few milliseconds while Weir is measured).
+            "SELECT count(*) FROM UNNEST($2::text[], $3::int[], $4::bigint[]) AS u(t, p, o) \
+             CROSS JOIN LATERAL ( \
+                 SELECT b.mask FROM processed_offsets b \
+                 WHERE b.binding_id = $1 AND b.topic = u.t AND b.partition = u.p \
+                   AND b.block = u.o / $5 \
+                 OFFSET 0) b \
+             WHERE b.mask & ((1::bigint) << (u.o % $5)::int) <> 0",
+        )
+        .bind(binding)
+        .bind(&topics)
+        .bind(&partitions)
+        .bind(&offsets)
+        .bind(weir::store::BLOCK_OFFSETS)
+        .fetch_one(&self.pool)
+        .await
+        .context("cannot read processed keys")?;
+        Ok(in_rows + in_blocks)
+    }
+
+    /// How many messages `binding` has committed whose id starts with `prefix`, among the ids
+    /// kept as rows (those of messages with a `message-id` header).
     pub async fn committed(&self, binding: &str, prefix: &str) -> anyhow::Result<i64> {
         let end = prefix_end(prefix)?;
         sqlx::query_scalar(

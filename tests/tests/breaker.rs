@@ -178,7 +178,7 @@ impl Setup {
     }
 
     async fn processed(&self) -> i64 {
-        self.count("SELECT count(*) FROM processed_keys WHERE binding_id = $1")
+        self.count("SELECT count(*) FROM processed_key_ids WHERE binding_id = $1")
             .await
     }
 

@@ -544,7 +544,7 @@ async fn enrichment_survives_a_service_outage_exactly_once() {
         }
     };
     loop {
-        let done = count("SELECT count(*) FROM processed_keys WHERE binding_id = $1").await;
+        let done = count("SELECT count(*) FROM processed_key_ids WHERE binding_id = $1").await;
         if done as usize >= ORDERS {
             break;
         }

@@ -512,6 +512,90 @@ async fn batches_of_processed_keys_alone_commit_each_message_once(store: &dyn St
     );
 }
 
+/// Ids of the form `topic/partition/offset` (records without a `message-id` header) are kept as
+/// bits of offset blocks rather than rows: duplicates are found the same way, across blocks,
+/// across the sign bit, within a batch and beside effects, and an id that only looks like a
+/// position is an id of its own.
+async fn position_ids_commit_once_as_bits_of_their_blocks(store: &dyn Store) {
+    let bare = |id: &str| completion(id, "k", vec![], &[]);
+    assert_eq!(
+        store
+            .commit(&[
+                bare("orders/0/1"),
+                bare("orders/0/63"),
+                bare("orders/0/64"),
+                bare("orders/1/1"),
+            ])
+            .await
+            .unwrap(),
+        vec![Committed; 4]
+    );
+    // Redelivered beside new offsets of the same blocks, one of them twice in the batch.
+    assert_eq!(
+        store
+            .commit(&[
+                bare("orders/0/2"),
+                bare("orders/0/63"),
+                bare("orders/0/2"),
+                bare("orders/0/65"),
+                bare("orders/1/1"),
+            ])
+            .await
+            .unwrap(),
+        vec![Committed, Duplicate, Duplicate, Committed, Duplicate]
+    );
+    // Every bit of a block, then the block again.
+    let block: Vec<Completion> = (128..192).map(|o| bare(&format!("orders/0/{o}"))).collect();
+    assert_eq!(store.commit(&block).await.unwrap(), vec![Committed; 64]);
+    assert_eq!(store.commit(&block).await.unwrap(), vec![Duplicate; 64]);
+    // Near misses are rows, distinct from the positions they resemble.
+    let near = [
+        bare("orders/00/1"),
+        bare("orders/0/01"),
+        bare("orders/+0/1"),
+        bare("order s/0/1"),
+        bare("orders/0/1/"),
+    ];
+    assert_eq!(store.commit(&near).await.unwrap(), vec![Committed; 5]);
+    assert_eq!(store.commit(&near).await.unwrap(), vec![Duplicate; 5]);
+    // Another binding's positions are its own.
+    let mut other = bare("orders/0/1");
+    other.binding_id = "other-binding".into();
+    assert_eq!(
+        store.commit(std::slice::from_ref(&other)).await.unwrap(),
+        vec![Committed]
+    );
+    assert_eq!(store.commit(&[other]).await.unwrap(), vec![Duplicate]);
+    // With effects: a position committed bare and delivered again with effects drops them; a
+    // new offset of the same block commits its own, beside a row.
+    assert_eq!(store.commit(&[bare("m-1")]).await.unwrap(), vec![Committed]);
+    let batch = [
+        completion("orders/0/64", "k", vec![set("total", "64")], &["o-64-out"]),
+        completion("orders/0/66", "k", vec![set("total", "66")], &["o-66-out"]),
+        bare("m-2"),
+    ];
+    assert_eq!(
+        store.commit(&batch).await.unwrap(),
+        vec![Duplicate, Committed, Committed]
+    );
+    assert_eq!(state(store, "k", "total").await.as_deref(), Some("66"));
+    assert_eq!(store.outbox_status("o-64-out").await.unwrap(), None);
+    assert!(store.outbox_status("o-66-out").await.unwrap().is_some());
+    // A row and a block both seen before, beside a new offset.
+    let batch = [
+        completion("orders/0/66", "k", vec![set("total", "again")], &["again"]),
+        bare("m-1"),
+        completion("orders/0/67", "k", vec![], &["o-67-out"]),
+    ];
+    assert_eq!(
+        store.commit(&batch).await.unwrap(),
+        vec![Duplicate, Duplicate, Committed]
+    );
+    assert_eq!(state(store, "k", "total").await.as_deref(), Some("66"));
+    assert_eq!(store.outbox_status("again").await.unwrap(), None);
+    assert!(store.outbox_status("o-67-out").await.unwrap().is_some());
+}
+
 async fn state_writes_apply_in_order(store: &dyn Store) {
     let seed = completion(
         "m0",
@@ -1776,27 +1860,37 @@ async fn sweep_forgets_old_processed_keys(store: &dyn Store) {
     let old = [
         completion("m1", "k", vec![set("a", "1")], &[]),
         completion("m2", "k", vec![], &[]),
+        completion("orders/0/5", "k", vec![], &[]),
+        completion("orders/0/6", "k", vec![], &[]),
+        completion("orders/1/5", "k", vec![], &[]),
+        completion("orders/1/6", "k", vec![], &[]),
     ];
-    assert_eq!(
-        store.commit(&old).await.unwrap(),
-        vec![Committed, Committed]
-    );
+    assert_eq!(store.commit(&old).await.unwrap(), vec![Committed; 6]);
     tokio::time::sleep(Duration::from_millis(50)).await;
     let cutoff = now();
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let recent = [completion("m3", "k", vec![], &[])];
-    assert_eq!(store.commit(&recent).await.unwrap(), vec![Committed]);
+    // A recent offset of the block of orders/0/5 and 6 keeps them: a block goes by its newest.
+    let recent = [
+        completion("m3", "k", vec![], &[]),
+        completion("orders/0/7", "k", vec![], &[]),
+    ];
+    assert_eq!(
+        store.commit(&recent).await.unwrap(),
+        vec![Committed, Committed]
+    );
 
-    assert_eq!(store.sweep_processed_keys(cutoff).await.unwrap(), 2);
+    assert_eq!(store.sweep_processed_keys(cutoff).await.unwrap(), 4);
     assert_eq!(store.sweep_processed_keys(cutoff).await.unwrap(), 0);
     // A swept message counts as new again; a recent one is still a duplicate.
     let replay = [
         completion("m1", "k", vec![set("a", "2")], &[]),
         completion("m3", "k", vec![], &[]),
+        completion("orders/1/5", "k", vec![], &[]),
+        completion("orders/0/5", "k", vec![], &[]),
     ];
     assert_eq!(
         store.commit(&replay).await.unwrap(),
-        vec![Committed, Duplicate]
+        vec![Committed, Duplicate, Committed, Duplicate]
     );
     assert_eq!(state(store, "k", "a").await.as_deref(), Some("2"));
     assert_eq!(store.sweep_processed_keys(at(0)).await.unwrap(), 0);
@@ -2116,6 +2210,7 @@ contract!(
     a_message_committed_twice_takes_effect_once,
     duplicates_within_one_batch_keep_the_first,
     batches_of_processed_keys_alone_commit_each_message_once,
+    position_ids_commit_once_as_bits_of_their_blocks,
     state_writes_apply_in_order,
     a_batch_of_a_thousand_commits_in_one_call,
     outbox_claim_mark_sent_and_mark_error,
@@ -2205,17 +2300,21 @@ async fn migrations_up_to(
         .expect("load the migrations")
 }
 
-/// Migration 0006 rebuilt the processed keys' primary key (message id first, bytewise). A
-/// database written before it keeps every processed key and its age: a message committed then
-/// is still a duplicate after the upgrade, and the retention sweep still finds it old, on both
-/// engines.
+/// Migration 0006 rebuilt the processed keys' primary key (message id first, bytewise); 0007
+/// moved the position ids into offset blocks. A database written before them keeps every
+/// processed key and its age: a message committed then is still a duplicate after the upgrade
+/// (an id that only looks like a position stays a row of its own), and the retention sweep
+/// still finds it old, on both engines.
 #[tokio::test]
-async fn upgrading_the_processed_key_order_keeps_every_processed_key() {
+async fn upgrading_keeps_every_processed_key() {
     // Processed in 2020, before the upgrade; `{at}` is how the engine writes that time.
     let old_keys = |at: &str| {
         format!(
             "INSERT INTO processed_keys (binding_id, message_id, processed_at) VALUES \
-             ('{BINDING}', 'm1', {at}), ('{BINDING}', 'm2', {at}), ('other-binding', 'm3', {at})"
+             ('{BINDING}', 'm1', {at}), ('{BINDING}', 'm2', {at}), ('other-binding', 'm3', {at}), \
+             ('{BINDING}', 'orders/0/1', {at}), ('{BINDING}', 'orders/0/63', {at}), \
+             ('{BINDING}', 'orders/2147483647/9223372036854775807', {at}), \
+             ('{BINDING}', 'orders/01/1', {at}), ('{BINDING}', 'orders/0/9223372036854775808', {at})"
         )
     };
     let check = |store: Arc<dyn Store>| async move {
@@ -2224,21 +2323,30 @@ async fn upgrading_the_processed_key_order_keeps_every_processed_key() {
             completion("m2", "k", vec![], &[]),
             completion("m3", "k", vec![], &[]),
             completion("m4", "k", vec![], &[]),
+            completion("orders/0/1", "k", vec![set("a", "1")], &[]),
+            completion("orders/0/63", "k", vec![], &[]),
+            completion("orders/2147483647/9223372036854775807", "k", vec![], &[]),
+            completion("orders/01/1", "k", vec![], &[]),
+            completion("orders/0/9223372036854775808", "k", vec![], &[]),
+            completion("orders/1/1", "k", vec![], &[]),
         ];
-        // m3 was processed by another binding: new to this one.
+        // m3 was processed by another binding: new to this one; so is orders/1/1.
         assert_eq!(
             store.commit(&batch).await.unwrap(),
-            vec![Duplicate, Duplicate, Committed, Committed]
+            vec![
+                Duplicate, Duplicate, Committed, Committed, Duplicate, Duplicate, Duplicate,
+                Duplicate, Duplicate, Committed
+            ]
         );
         assert_eq!(
             state(&*store, "k", "a").await,
             None,
             "a duplicate's write applied"
         );
-        assert_eq!(store.commit(&batch).await.unwrap(), vec![Duplicate; 4]);
-        // The three keys from 2020 kept their age: the sweep takes them and nothing else.
+        assert_eq!(store.commit(&batch).await.unwrap(), vec![Duplicate; 10]);
+        // The keys from 2020 kept their age: the sweep takes them and nothing else.
         let cutoff = Utc.with_ymd_and_hms(2021, 1, 1, 0, 0, 0).unwrap();
-        assert_eq!(store.sweep_processed_keys(cutoff).await.unwrap(), 3);
+        assert_eq!(store.sweep_processed_keys(cutoff).await.unwrap(), 8);
         store.close().await;
     };
 
@@ -2332,16 +2440,22 @@ async fn concurrent_commits_of_one_message_commit_it_once() {
     // transaction wins, on both engines.
     let fixture = PgFixture::new().await;
     let (_dir, sqlite) = sqlite_store().await;
-    for store in [fixture.store.clone(), sqlite] {
+    // A row, and a position id (a bit of an offset block).
+    for (store, id) in [
+        (fixture.store.clone(), "contended"),
+        (sqlite.clone(), "contended"),
+        (fixture.store.clone(), "contended/3/17"),
+        (sqlite, "contended/3/17"),
+    ] {
         let mut tasks = Vec::new();
         for attempt in 0..8 {
             let store = store.clone();
             tasks.push(tokio::spawn(async move {
                 let batch = [completion(
-                    "contended",
-                    "k",
+                    id,
+                    id,
                     vec![set("winner", &attempt.to_string())],
-                    &[&format!("out-{attempt}")],
+                    &[&format!("{id}-out-{attempt}")],
                 )];
                 store.commit(&batch).await.unwrap()[0]
             }));
@@ -2354,10 +2468,68 @@ async fn concurrent_commits_of_one_message_commit_it_once() {
         }
         assert_eq!(outcomes.get("Committed"), Some(&1), "{outcomes:?}");
         assert_eq!(outcomes.get("Duplicate"), Some(&7), "{outcomes:?}");
-        assert_eq!(store.outbox_pending().await.unwrap(), 1);
-        let winner = state(&*store, "k", "winner").await.unwrap();
-        let row = store.outbox_status(&format!("out-{winner}")).await.unwrap();
+        let mut emitted = 0;
+        for attempt in 0..8 {
+            let row = store.outbox_status(&format!("{id}-out-{attempt}")).await;
+            emitted += usize::from(row.unwrap().is_some());
+        }
+        assert_eq!(emitted, 1, "one emit in the outbox");
+        let winner = state(&*store, id, "winner").await.unwrap();
+        let row = store
+            .outbox_status(&format!("{id}-out-{winner}"))
+            .await
+            .unwrap();
         assert!(row.is_some(), "the winner's emit is the one in the outbox");
+    }
+    fixture.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_commits_of_overlapping_offsets_commit_each_once() {
+    // Replicas committing overlapping runs of offsets of the same blocks at once, bare and with
+    // effects: every offset commits exactly once, on both engines.
+    let fixture = PgFixture::new().await;
+    let (_dir, sqlite) = sqlite_store().await;
+    for store in [fixture.store.clone(), sqlite] {
+        let mut tasks = Vec::new();
+        for replica in 0..8_u32 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let batch: Vec<Completion> = (replica * 10..replica * 10 + 30)
+                    .map(|offset| {
+                        let id = format!("runs/2/{offset}");
+                        if replica % 2 == 0 {
+                            completion(&id, "k", vec![], &[])
+                        } else {
+                            let out = format!("{id}-out-{replica}");
+                            completion(&id, "k", vec![], &[&out])
+                        }
+                    })
+                    .collect();
+                let outcomes = store.commit(&batch).await.unwrap();
+                batch
+                    .into_iter()
+                    .zip(outcomes)
+                    .filter(|(_, outcome)| *outcome == Committed)
+                    .map(|(c, _)| c.message_id)
+                    .collect::<Vec<_>>()
+            }));
+        }
+        let mut committed = Vec::new();
+        for task in tasks {
+            committed.extend(task.await.unwrap());
+        }
+        committed.sort();
+        let expected: Vec<String> = {
+            let mut all: Vec<String> = (0..100).map(|o| format!("runs/2/{o}")).collect();
+            all.sort();
+            all
+        };
+        assert_eq!(committed, expected, "each offset committed once");
+        let again: Vec<Completion> = (0..100)
+            .map(|o| completion(&format!("runs/2/{o}"), "k", vec![], &[]))
+            .collect();
+        assert_eq!(store.commit(&again).await.unwrap(), vec![Duplicate; 100]);
     }
     fixture.drop().await;
 }

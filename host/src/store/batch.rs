@@ -1,8 +1,17 @@
 //! The engine-independent half of group commit: checking a batch, finding the duplicates
-//! within it, and turning the new completions' effects (and the DLQ entries the batch replays)
-//! into the rows a constant number of multi-row statements write.
+//! within it, splitting its processed keys between rows and offset blocks, and turning the new
+//! completions' effects (and the DLQ entries the batch replays) into the rows a constant number
+//! of multi-row statements write.
+//!
+//! A processed key whose message id names a Kafka position — `topic/partition/offset`, the id
+//! of a record without a `message-id` header, see [`position`] — is kept as one bit of a
+//! *block*: a row per `(binding, topic, partition, offset / 64)` whose `mask` has bit
+//! `offset % 64` set for each processed offset. A batch of a few hundred such messages writes a
+//! few dozen block rows instead of a row each. Every other id is a row of `processed_keys`.
+//! Which form a key takes depends on the id's text alone, so an id always meets its earlier
+//! self, whoever wrote it.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use super::{CommitOutcome, Completion, OutboxInsert, StoreError};
 
@@ -30,6 +39,135 @@ impl Inserted<'_> {
     }
 }
 
+/// Offsets per block: the bits of a block's `mask` (a 64-bit integer on both engines).
+pub const BLOCK_OFFSETS: i64 = 64;
+
+/// The Kafka position a message id names, if it is one as the pipeline writes it for a record
+/// without a `message-id` header: `topic/partition/offset`, the topic a name of Kafka's
+/// characters (`[A-Za-z0-9._-]`, at most 249), partition and offset non-negative decimals with
+/// no sign and no leading zero, that fit an `i32` and an `i64`. Any other id — including one
+/// that looks close (`t/01/5`, `t/-1/5`) — is not a position, and stays a row.
+///
+/// Migration 0007 moves the rows whose ids pass this test into blocks with the same rule,
+/// written in SQL; the two must agree.
+pub fn position(message_id: &str) -> Option<(&str, i32, i64)> {
+    let (rest, offset) = message_id.rsplit_once('/')?;
+    let (topic, partition) = rest.rsplit_once('/')?;
+    let topic_ok = !topic.is_empty()
+        && topic.len() <= 249
+        && topic
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if !topic_ok || !canonical_decimal(partition) || !canonical_decimal(offset) {
+        return None;
+    }
+    Some((topic, partition.parse().ok()?, offset.parse().ok()?))
+}
+
+/// Digits only, and no leading zero unless it is `0` itself: the one way to write the number.
+fn canonical_decimal(text: &str) -> bool {
+    !text.is_empty()
+        && text.bytes().all(|b| b.is_ascii_digit())
+        && (text == "0" || !text.starts_with('0'))
+}
+
+/// How many processed keys blocks with these masks hold.
+pub(crate) fn keys_in_blocks(masks: &[i64]) -> u64 {
+    masks.iter().map(|mask| u64::from(mask.count_ones())).sum()
+}
+
+/// The row a block of offsets is kept in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct BlockKey<'a> {
+    pub binding_id: &'a str,
+    pub topic: &'a str,
+    pub partition: i32,
+    /// `offset / 64`.
+    pub block: i64,
+}
+
+/// A batch's distinct processed keys, split by how they are kept.
+#[derive(Debug, Default)]
+pub(crate) struct KeyPlan<'a> {
+    /// Keys kept as `processed_keys` rows, sorted.
+    pub rows: Vec<ProcessedKey<'a>>,
+    /// Blocks the batch sets bits in, sorted (so that concurrent transactions lock them in the
+    /// same order), with the bits it sets.
+    pub blocks: Vec<(BlockKey<'a>, i64)>,
+    /// Each position key: the key, the index of its block in `blocks`, and its bit.
+    positions: Vec<(ProcessedKey<'a>, usize, i64)>,
+}
+
+impl<'a> KeyPlan<'a> {
+    /// Split a batch's processed keys. Rows come out distinct and sorted; a position repeated
+    /// in the batch is one bit (the batch's outcomes make the repeats duplicates).
+    pub(crate) fn new(batch: &'a [Completion]) -> Self {
+        let mut plan = KeyPlan::default();
+        // Blocks by key while gathering (a batch mostly repeats a few dozen of them), sorted
+        // once at the end.
+        let mut index: HashMap<BlockKey<'a>, usize, foldhash::fast::RandomState> =
+            HashMap::default();
+        for completion in batch {
+            let key = (&*completion.binding_id, completion.message_id.as_str());
+            let Some((topic, partition, offset)) = position(key.1) else {
+                plan.rows.push(key);
+                continue;
+            };
+            let block = BlockKey {
+                binding_id: key.0,
+                topic,
+                partition,
+                block: offset / BLOCK_OFFSETS,
+            };
+            let bit = 1i64 << (offset % BLOCK_OFFSETS);
+            let at = *index.entry(block).or_insert_with(|| {
+                plan.blocks.push((block, 0));
+                plan.blocks.len() - 1
+            });
+            plan.blocks[at].1 |= bit;
+            plan.positions.push((key, at, bit));
+        }
+        plan.rows.sort_unstable();
+        plan.rows.dedup();
+        // Sort the blocks (the order concurrent writers lock them in), and follow them.
+        let mut order: Vec<usize> = (0..plan.blocks.len()).collect();
+        order.sort_unstable_by_key(|&i| plan.blocks[i].0);
+        let mut moved_to = vec![0; order.len()];
+        for (to, &from) in order.iter().enumerate() {
+            moved_to[from] = to;
+        }
+        plan.blocks = order.iter().map(|&from| plan.blocks[from]).collect();
+        for (_, at, _) in &mut plan.positions {
+            *at = moved_to[*at];
+        }
+        plan
+    }
+
+    /// The keys the commit created: the rows in `rows` (`None`: every row), and the positions
+    /// whose bits `fresh` (one mask per block, as in [`Self::blocks`]) says were not set before.
+    pub(crate) fn inserted(&self, rows: Option<KeySet<'a>>, fresh: &[i64]) -> Inserted<'a> {
+        debug_assert_eq!(fresh.len(), self.blocks.len());
+        let all_fresh = self
+            .blocks
+            .iter()
+            .zip(fresh)
+            .all(|((_, mask), fresh)| mask == fresh);
+        match rows {
+            None if all_fresh => Inserted::All,
+            rows => {
+                let mut created = rows.unwrap_or_else(|| self.rows.iter().copied().collect());
+                created.extend(
+                    self.positions
+                        .iter()
+                        .filter(|(_, block, bit)| fresh.get(*block).is_some_and(|f| f & bit != 0))
+                        .map(|(key, _, _)| *key),
+                );
+                Inserted::Only(created)
+            }
+        }
+    }
+}
+
 /// Where a keyed-state value lives: `(tenant, handler, key, name)`.
 type StateKey<'a> = (&'a str, &'a str, &'a [u8], &'a str);
 
@@ -45,18 +183,6 @@ pub(crate) fn validate(batch: &[Completion]) -> Result<(), StoreError> {
         }
     }
     Ok(())
-}
-
-/// The distinct processed keys of a batch, sorted (so that concurrent transactions take their
-/// locks in the same order).
-pub(crate) fn processed_keys(batch: &[Completion]) -> Vec<ProcessedKey<'_>> {
-    let mut keys: Vec<ProcessedKey<'_>> = batch
-        .iter()
-        .map(|c| (&*c.binding_id, c.message_id.as_str()))
-        .collect();
-    keys.sort_unstable();
-    keys.dedup();
-    keys
 }
 
 /// Whether committing the batch writes nothing but its processed keys: no keyed state, no
@@ -277,7 +403,7 @@ mod tests {
         ];
         validate(&batch).unwrap();
         assert_eq!(
-            processed_keys(&batch),
+            KeyPlan::new(&batch).rows,
             vec![("b", "m1"), ("b", "m2"), ("b", "m3")]
         );
         // m3 was processed before: the insert did not create it.
@@ -303,6 +429,99 @@ mod tests {
             .map(|row| row.insert.message_id.as_str())
             .collect();
         assert_eq!(outbox, vec!["e1", "e2"]);
+    }
+
+    #[test]
+    fn only_ids_written_as_the_pipeline_writes_positions_are_positions() {
+        assert_eq!(position("orders/3/17"), Some(("orders", 3, 17)));
+        assert_eq!(position("a.b_c-D9/0/0"), Some(("a.b_c-D9", 0, 0)));
+        assert_eq!(
+            position("t/2147483647/9223372036854775807"),
+            Some(("t", i32::MAX, i64::MAX))
+        );
+        for id in [
+            "t/2147483648/1",
+            "t/1/9223372036854775808",
+            "t/01/5",
+            "t/1/05",
+            "t/-1/5",
+            "t/+1/5",
+            "t/1/",
+            "/1/5",
+            "t/1",
+            "t//5",
+            "a/b/1/5",
+            "t p/1/5",
+            "tö/1/5",
+            "order-42",
+            "",
+        ] {
+            assert_eq!(position(id), None, "{id}");
+        }
+        let long = format!("{}/1/2", "t".repeat(249));
+        assert!(position(&long).is_some());
+        assert_eq!(position(&format!("{}/1/2", "t".repeat(250))), None);
+    }
+
+    #[test]
+    fn a_position_round_trips_through_the_pipelines_message_id() {
+        for (topic, partition, offset) in [("t", 0, 0), ("orders.v2", 11, 63), ("x", 7, 1 << 40)] {
+            let id = crate::pipeline::worker::message_id(topic, partition, offset, &[]);
+            assert_eq!(position(&id), Some((topic, partition, offset)));
+        }
+    }
+
+    #[test]
+    fn positions_gather_into_blocks_and_others_stay_rows() {
+        let mut batch: Vec<Completion> = [
+            "t/0/64", "t/0/1", "t/1/1", "t/0/63", "m-1", "t/01/1", "t/0/1", "t/0/2",
+        ]
+        .iter()
+        .map(|id| completion(id, &[], &[]))
+        .collect();
+        batch[7].binding_id = "c".into();
+        let plan = KeyPlan::new(&batch);
+        assert_eq!(plan.rows, vec![("b", "m-1"), ("b", "t/01/1")]);
+        let block = |binding_id, partition, block| BlockKey {
+            binding_id,
+            topic: "t",
+            partition,
+            block,
+        };
+        assert_eq!(
+            plan.blocks,
+            vec![
+                (block("b", 0, 0), (1 << 1) | (1 << 63)),
+                (block("b", 0, 1), 1),
+                (block("b", 1, 0), 1 << 1),
+                (block("c", 0, 0), 1 << 2),
+            ]
+        );
+        let masks: Vec<i64> = plan.blocks.iter().map(|(_, mask)| *mask).collect();
+        assert!(matches!(plan.inserted(None, &masks), Inserted::All));
+        // Offset 63 of partition 0 and all of binding c were processed before; so was row m-1.
+        let fresh = [1 << 1, 1, 1 << 1, 0];
+        let rows: KeySet<'_> = [("b", "t/01/1")].into_iter().collect();
+        let Inserted::Only(created) = plan.inserted(Some(rows), &fresh) else {
+            panic!("some keys existed");
+        };
+        let mut created: Vec<_> = created.into_iter().collect();
+        created.sort_unstable();
+        assert_eq!(
+            created,
+            vec![
+                ("b", "t/0/1"),
+                ("b", "t/0/64"),
+                ("b", "t/01/1"),
+                ("b", "t/1/1")
+            ]
+        );
+        // Rows all new, one bit not: not `All`.
+        let Inserted::Only(created) = plan.inserted(None, &[1 << 1, 1, 1 << 1, 1 << 2]) else {
+            panic!("a bit existed");
+        };
+        assert_eq!(created.len(), 6);
+        assert!(!created.contains(&("b", "t/0/63")));
     }
 
     #[test]

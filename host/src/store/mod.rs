@@ -15,8 +15,9 @@
 //!
 //! Choices a caller can rely on:
 //! * **Group commit.** [`Store::commit`] runs a constant number of statements per batch in one
-//!   transaction: one multi-row insert of processed keys (`ON CONFLICT DO NOTHING RETURNING`),
-//!   at most one keyed-state upsert, one keyed-state delete, one outbox insert and one update
+//!   transaction: the processed keys — a multi-row insert of rows, and one of offset blocks
+//!   for the message ids that name a Kafka position (below) — at most one keyed-state upsert,
+//!   one keyed-state delete, one outbox insert and one update
 //!   of the DLQ entries the batch replays, and on PostgreSQL a `NOTIFY weir_outbox` (arrays
 //!   through `UNNEST`, so any batch size; SQLite splits the multi-row `VALUES` lists at its
 //!   bound-parameter limit, one statement per few thousand rows). A completion whose processed
@@ -26,6 +27,13 @@
 //!   order. A completion with state writes but no message key is refused ([`StoreError::Invalid`])
 //!   and nothing of the batch is written. Outbox message ids are unique: an emit whose id is
 //!   already in the outbox is not inserted again.
+//! * **Processed keys have two forms.** A message id that names a Kafka position
+//!   (`topic/partition/offset`, see [`position`]) is one bit of a row per 64 offsets of a
+//!   binding's topic partition (`processed_offsets`); any other id is a row of
+//!   `processed_keys`. The form follows from the id's text alone. The view `processed_key_ids`
+//!   lists both as `(binding_id, message_id, processed_at)`; a block's `processed_at` is its
+//!   last write, and the retention sweep ([`Store::sweep_processed_keys`]) drops a block when
+//!   that is old, counting its bits.
 //! * **Outbox claims use a lease.** [`Store::outbox_claim`] marks the rows it returns as
 //!   leased until `now + lease` in one statement (on PostgreSQL with `FOR UPDATE SKIP LOCKED`),
 //!   so two relays never claim the same row while the lease runs, and a relay that dies
@@ -108,6 +116,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 
+pub use batch::{BLOCK_OFFSETS, position};
 pub use error::StoreError;
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;

@@ -12,7 +12,7 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow}
 use sqlx::{ConnectOptions, Connection, Postgres, QueryBuilder, Row};
 use tokio::sync::mpsc;
 
-use super::batch::{self, OutboxRow};
+use super::batch::{self, BlockKey, KeyPlan, OutboxRow};
 use super::error::db;
 use super::types::{
     decode_headers, encode_headers, not_pending, sha256_hex, validate_tenant, validate_token_hash,
@@ -82,14 +82,180 @@ async fn insert_new_keys<'e>(
     .map_err(db("commit"))
 }
 
-/// The processed keys `insert_new_keys` created, as the batch's outcomes want them.
-fn created(returned: &[(String, String)]) -> batch::Inserted<'_> {
-    batch::Inserted::Only(
-        returned
-            .iter()
-            .map(|(b, m)| (b.as_str(), m.as_str()))
-            .collect(),
+/// The processed keys `insert_new_keys` created, as [`batch::KeyPlan::inserted`] wants them.
+fn created(returned: &[(String, String)]) -> batch::KeySet<'_> {
+    returned
+        .iter()
+        .map(|(b, m)| (b.as_str(), m.as_str()))
+        .collect()
+}
+
+/// Blocks of offsets as the column arrays of an `UNNEST`.
+#[derive(Default)]
+struct BlockColumns<'a> {
+    bindings: Vec<&'a str>,
+    topics: Vec<&'a str>,
+    partitions: Vec<i32>,
+    blocks: Vec<i64>,
+    masks: Vec<i64>,
+}
+
+impl<'a> BlockColumns<'a> {
+    fn push(&mut self, block: &BlockKey<'a>, mask: i64) {
+        self.bindings.push(block.binding_id);
+        self.topics.push(block.topic);
+        self.partitions.push(block.partition);
+        self.blocks.push(block.block);
+        self.masks.push(mask);
+    }
+}
+
+/// Set the bits of the blocks none of whose bits is set yet; whether each block was written.
+/// A block where one is set already is left as it is (and stays locked to the end of the
+/// transaction, when `executor` is one).
+async fn mark_new_blocks<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    blocks: &[(BlockKey<'_>, i64)],
+) -> Result<Vec<bool>, StoreError> {
+    let mut columns = BlockColumns::default();
+    for (block, mask) in blocks {
+        columns.push(block, *mask);
+    }
+    let written: Vec<(String, String, i32, i64)> = sqlx::query_as(
+        "INSERT INTO processed_offsets AS p (binding_id, topic, partition, block, mask) \
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::int[], $4::bigint[], $5::bigint[]) \
+         ON CONFLICT (binding_id, topic, partition, block) \
+         DO UPDATE SET mask = p.mask | excluded.mask, processed_at = now() \
+         WHERE p.mask & excluded.mask = 0 \
+         RETURNING binding_id, topic, partition, block",
     )
+    .bind(&columns.bindings)
+    .bind(&columns.topics)
+    .bind(&columns.partitions)
+    .bind(&columns.blocks)
+    .bind(&columns.masks)
+    .fetch_all(executor)
+    .await
+    .map_err(db("commit"))?;
+    if written.len() == blocks.len() {
+        return Ok(vec![true; blocks.len()]);
+    }
+    let written: HashSet<(&str, &str, i32, i64)> = written
+        .iter()
+        .map(|(b, t, p, k)| (b.as_str(), t.as_str(), *p, *k))
+        .collect();
+    Ok(blocks
+        .iter()
+        .map(|(b, _)| written.contains(&(b.binding_id, b.topic, b.partition, b.block)))
+        .collect())
+}
+
+/// Set the bits of `blocks` that are not set yet, whatever others are; the bits set, block by
+/// block. Locks the blocks (creating the missing ones first, so that a concurrent writer of the
+/// same block waits for this transaction), reads them, then writes: one writer at a time
+/// decides which of a block's bits are new.
+async fn mark_blocks_settling(
+    tx: &mut sqlx::PgConnection,
+    blocks: &[(BlockKey<'_>, i64)],
+) -> Result<Vec<i64>, StoreError> {
+    const OP: &str = "commit";
+    let mut columns = BlockColumns::default();
+    for (block, mask) in blocks {
+        columns.push(block, *mask);
+    }
+    sqlx::query(
+        "INSERT INTO processed_offsets (binding_id, topic, partition, block, mask) \
+         SELECT b, t, p, k, 0 FROM UNNEST($1::text[], $2::text[], $3::int[], $4::bigint[]) \
+                AS u(b, t, p, k) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(&columns.bindings)
+    .bind(&columns.topics)
+    .bind(&columns.partitions)
+    .bind(&columns.blocks)
+    .execute(&mut *tx)
+    .await
+    .map_err(db(OP))?;
+    let before: Vec<(String, String, i32, i64, i64)> = sqlx::query_as(
+        "SELECT o.binding_id, o.topic, o.partition, o.block, o.mask \
+         FROM processed_offsets o \
+         JOIN UNNEST($1::text[], $2::text[], $3::int[], $4::bigint[]) AS u(b, t, p, k) \
+           ON o.binding_id = u.b AND o.topic = u.t AND o.partition = u.p AND o.block = u.k \
+         ORDER BY o.binding_id, o.topic, o.partition, o.block \
+         FOR UPDATE OF o",
+    )
+    .bind(&columns.bindings)
+    .bind(&columns.topics)
+    .bind(&columns.partitions)
+    .bind(&columns.blocks)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(db(OP))?;
+    let before: std::collections::HashMap<(&str, &str, i32, i64), i64> = before
+        .iter()
+        .map(|(b, t, p, k, mask)| ((b.as_str(), t.as_str(), *p, *k), *mask))
+        .collect();
+    let fresh: Vec<i64> = blocks
+        .iter()
+        .map(|(b, mask)| {
+            let set = before
+                .get(&(b.binding_id, b.topic, b.partition, b.block))
+                .copied()
+                .unwrap_or(0);
+            mask & !set
+        })
+        .collect();
+    let mut updates = BlockColumns::default();
+    for ((block, _), fresh) in blocks.iter().zip(&fresh) {
+        if *fresh != 0 {
+            updates.push(block, *fresh);
+        }
+    }
+    if !updates.masks.is_empty() {
+        sqlx::query(
+            "UPDATE processed_offsets o SET mask = o.mask | u.m, processed_at = now() \
+             FROM UNNEST($1::text[], $2::text[], $3::int[], $4::bigint[], $5::bigint[]) \
+                  AS u(b, t, p, k, m) \
+             WHERE o.binding_id = u.b AND o.topic = u.t AND o.partition = u.p AND o.block = u.k",
+        )
+        .bind(&updates.bindings)
+        .bind(&updates.topics)
+        .bind(&updates.partitions)
+        .bind(&updates.blocks)
+        .bind(&updates.masks)
+        .execute(&mut *tx)
+        .await
+        .map_err(db(OP))?;
+    }
+    Ok(fresh)
+}
+
+/// Each block's fresh bits once `mark_new_blocks` wrote those of `written`: all of a written
+/// block's; the others' settled by `mark_blocks_settling` in `tx`.
+async fn settle(
+    tx: &mut sqlx::PgConnection,
+    blocks: &[(BlockKey<'_>, i64)],
+    written: &[bool],
+) -> Result<Vec<i64>, StoreError> {
+    let mut fresh: Vec<i64> = blocks
+        .iter()
+        .zip(written)
+        .map(|((_, mask), written)| if *written { *mask } else { 0 })
+        .collect();
+    let (indexes, rest): (Vec<usize>, Vec<(BlockKey<'_>, i64)>) = blocks
+        .iter()
+        .zip(written)
+        .enumerate()
+        .filter(|(_, (_, written))| !**written)
+        .map(|(i, (block, _))| (i, *block))
+        .unzip();
+    if !rest.is_empty() {
+        let settled = mark_blocks_settling(tx, &rest).await?;
+        for (i, bits) in indexes.into_iter().zip(settled) {
+            fresh[i] = bits;
+        }
+    }
+    Ok(fresh)
 }
 
 /// The store on PostgreSQL.
@@ -1116,39 +1282,62 @@ impl Store for PgStore {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let keys = batch::processed_keys(batch);
-        let (bindings, messages): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
+        let plan = KeyPlan::new(batch);
+        let (bindings, messages): (Vec<&str>, Vec<&str>) = plan.rows.iter().copied().unzip();
 
-        // The common case is a batch of new messages: a plain insert, without `ON CONFLICT`
-        // (whose speculative insertion costs PostgreSQL an index probe and a WAL record more per
-        // row). Only if it hits a key already there (a message processed before, after a crash
-        // or a rebalance) is it undone and the batch inserted again asking which rows are new.
-        // A duplicate batch costs one more round trip; every other batch ships back nothing.
+        // Position ids are bits of offset blocks (see `batch`): a block none of whose bits is
+        // set yet is written at once (`mark_new_blocks`); one where a bit is set already (a
+        // duplicate, after a crash or a rebalance) is then locked, read and written again by
+        // `mark_blocks_settling`, which says which of the batch's bits are new.
         //
-        // A batch that writes nothing but its processed keys is that one statement, atomic on
-        // its own: it runs outside a transaction, one round trip instead of three (`BEGIN`,
-        // insert, `COMMIT`). Under light load commits are small and frequent, and the round
-        // trips saved show in PostgreSQL's CPU.
+        // The other ids are rows. The common case is a batch of new messages: a plain insert,
+        // without `ON CONFLICT` (whose speculative insertion costs PostgreSQL an index probe
+        // and a WAL record more per row). Only if it hits a key already there is it undone and
+        // the batch inserted again asking which rows are new.
+        //
+        // A batch that writes nothing but its processed keys runs outside a transaction: each
+        // statement is atomic on its own, and a block written early by the first one is the
+        // batch's own whatever follows (its messages have no effects to lose). Under light load
+        // commits are small and frequent, and the round trips saved show in PostgreSQL's CPU.
         if batch::writes_only_keys(batch) {
             let returned: Vec<(String, String)>;
-            let inserted = if insert_keys(&self.pool, &bindings, &messages).await? {
-                batch::Inserted::All
-            } else {
-                returned = insert_new_keys(&self.pool, &bindings, &messages).await?;
-                created(&returned)
-            };
-            return Ok(batch::outcomes(batch, &inserted).0);
+            let rows =
+                if plan.rows.is_empty() || insert_keys(&self.pool, &bindings, &messages).await? {
+                    None
+                } else {
+                    returned = insert_new_keys(&self.pool, &bindings, &messages).await?;
+                    Some(created(&returned))
+                };
+            let mut fresh = Vec::new();
+            if !plan.blocks.is_empty() {
+                let written = mark_new_blocks(&self.pool, &plan.blocks).await?;
+                fresh = if written.contains(&false) {
+                    let mut tx = self.pool.begin().await.map_err(db(OP))?;
+                    let fresh = settle(&mut tx, &plan.blocks, &written).await?;
+                    tx.commit().await.map_err(db(OP))?;
+                    fresh
+                } else {
+                    plan.blocks.iter().map(|(_, mask)| *mask).collect()
+                };
+            }
+            return Ok(batch::outcomes(batch, &plan.inserted(rows, &fresh)).0);
         }
         let mut tx = self.pool.begin().await.map_err(db(OP))?;
         let returned: Vec<(String, String)>;
-        let inserted = if insert_keys(&mut *tx, &bindings, &messages).await? {
-            batch::Inserted::All
+        let rows = if plan.rows.is_empty() || insert_keys(&mut *tx, &bindings, &messages).await? {
+            None
         } else {
             tx.rollback().await.map_err(db(OP))?;
             tx = self.pool.begin().await.map_err(db(OP))?;
             returned = insert_new_keys(&mut *tx, &bindings, &messages).await?;
-            created(&returned)
+            Some(created(&returned))
         };
+        let mut fresh = Vec::new();
+        if !plan.blocks.is_empty() {
+            let written = mark_new_blocks(&mut *tx, &plan.blocks).await?;
+            fresh = settle(&mut tx, &plan.blocks, &written).await?;
+        }
+        let inserted = plan.inserted(rows, &fresh);
         let (outcomes, writes) = batch::outcomes(batch, &inserted);
 
         let (sets, deletes): (Vec<_>, Vec<_>) =
@@ -1538,11 +1727,19 @@ impl Store for PgStore {
     }
 
     async fn sweep_processed_keys(&self, older_than: DateTime<Utc>) -> Result<u64, StoreError> {
-        let result = sqlx::query("DELETE FROM processed_keys WHERE processed_at < $1")
+        const OP: &str = "sweep processed keys";
+        let rows = sqlx::query("DELETE FROM processed_keys WHERE processed_at < $1")
             .bind(older_than)
             .execute(&self.pool)
             .await
-            .map_err(db("sweep processed keys"))?;
-        Ok(result.rows_affected())
+            .map_err(db(OP))?;
+        let blocks: Vec<i64> = sqlx::query_scalar(
+            "DELETE FROM processed_offsets WHERE processed_at < $1 RETURNING mask",
+        )
+        .bind(older_than)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db(OP))?;
+        Ok(rows.rows_affected() + batch::keys_in_blocks(&blocks))
     }
 }

@@ -21,7 +21,7 @@ use sqlx::sqlite::{
 use sqlx::{ConnectOptions, Connection, QueryBuilder, Row, Sqlite, SqliteConnection};
 use tokio::sync::mpsc;
 
-use super::batch::{self, OutboxRow, StateRow};
+use super::batch::{self, BlockKey, KeyPlan, OutboxRow, StateRow};
 use super::error::db;
 use super::types::{
     decode_headers, encode_headers, not_pending, sha256_hex, validate_tenant, validate_token_hash,
@@ -151,6 +151,86 @@ fn optional_time(
     micros: Option<i64>,
 ) -> Result<Option<DateTime<Utc>>, StoreError> {
     micros.map(|micros| time(table, micros)).transpose()
+}
+
+/// Set the bits of `blocks` (position ids' processed keys, see `batch`); the bits of each that
+/// were not set before. The transaction holds SQLite's one write lock (`BEGIN IMMEDIATE`), so
+/// reading the blocks and then writing them cannot race another writer.
+async fn mark_blocks(
+    op: &'static str,
+    tx: &mut SqliteConnection,
+    blocks: &[(BlockKey<'_>, i64)],
+    processed_at: i64,
+) -> Result<Vec<i64>, StoreError> {
+    let mut before: std::collections::HashMap<(String, String, i32, i64), i64> =
+        std::collections::HashMap::new();
+    for chunk in blocks.chunks(chunk_rows(4)) {
+        let mut query: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "SELECT binding_id, topic, partition, block, mask FROM processed_offsets \
+             WHERE (binding_id, topic, partition, block) IN (",
+        );
+        let mut list = query.separated(", ");
+        for (block, _) in chunk {
+            list.push("(")
+                .push_bind_unseparated(block.binding_id.to_owned())
+                .push_unseparated(", ")
+                .push_bind_unseparated(block.topic.to_owned())
+                .push_unseparated(", ")
+                .push_bind_unseparated(block.partition)
+                .push_unseparated(", ")
+                .push_bind_unseparated(block.block)
+                .push_unseparated(")");
+        }
+        query.push(")");
+        let rows: Vec<(String, String, i32, i64, i64)> = query
+            .build_query_as()
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db(op))?;
+        before.extend(
+            rows.into_iter()
+                .map(|(b, t, p, k, mask)| ((b, t, p, k), mask)),
+        );
+    }
+    let fresh: Vec<i64> = blocks
+        .iter()
+        .map(|(block, mask)| {
+            let key = (
+                block.binding_id.to_owned(),
+                block.topic.to_owned(),
+                block.partition,
+                block.block,
+            );
+            mask & !before.get(&key).copied().unwrap_or(0)
+        })
+        .collect();
+    let writes: Vec<(&BlockKey<'_>, i64)> = blocks
+        .iter()
+        .zip(&fresh)
+        .filter(|(_, fresh)| **fresh != 0)
+        .map(|((block, _), fresh)| (block, *fresh))
+        .collect();
+    for chunk in writes.chunks(chunk_rows(6)) {
+        let mut query: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "INSERT INTO processed_offsets \
+             (binding_id, topic, partition, block, mask, processed_at) ",
+        );
+        query.push_values(chunk, |mut values, (block, fresh)| {
+            values
+                .push_bind(block.binding_id.to_owned())
+                .push_bind(block.topic.to_owned())
+                .push_bind(block.partition)
+                .push_bind(block.block)
+                .push_bind(*fresh)
+                .push_bind(processed_at);
+        });
+        query.push(
+            " ON CONFLICT (binding_id, topic, partition, block) \
+             DO UPDATE SET mask = mask | excluded.mask, processed_at = excluded.processed_at",
+        );
+        query.build().execute(&mut *tx).await.map_err(db(op))?;
+    }
+    Ok(fresh)
 }
 
 /// Rows per statement for a multi-row statement with `columns` parameters per row.
@@ -1128,11 +1208,11 @@ impl Store for SqliteStore {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let keys = batch::processed_keys(batch);
+        let plan = KeyPlan::new(batch);
         let processed_at = now();
         let mut tx = self.begin(OP).await?;
-        let mut inserted: HashSet<(String, String)> = HashSet::with_capacity(keys.len());
-        for chunk in keys.chunks(chunk_rows(3)) {
+        let mut inserted: HashSet<(String, String)> = HashSet::with_capacity(plan.rows.len());
+        for chunk in plan.rows.chunks(chunk_rows(3)) {
             let mut query: QueryBuilder<Sqlite> = QueryBuilder::new(
                 "INSERT INTO processed_keys (binding_id, message_id, processed_at) ",
             );
@@ -1150,11 +1230,15 @@ impl Store for SqliteStore {
                 .map_err(db(OP))?;
             inserted.extend(rows);
         }
-        let inserted = batch::Inserted::Only(
-            inserted
-                .iter()
-                .map(|(b, m)| (b.as_str(), m.as_str()))
-                .collect(),
+        let fresh = mark_blocks(OP, &mut tx, &plan.blocks, processed_at).await?;
+        let inserted = plan.inserted(
+            Some(
+                inserted
+                    .iter()
+                    .map(|(b, m)| (b.as_str(), m.as_str()))
+                    .collect(),
+            ),
+            &fresh,
         );
         let (outcomes, writes) = batch::outcomes(batch, &inserted);
         write_state(OP, &mut tx, &writes.state).await?;
@@ -1505,11 +1589,20 @@ impl Store for SqliteStore {
     }
 
     async fn sweep_processed_keys(&self, older_than: DateTime<Utc>) -> Result<u64, StoreError> {
+        const OP: &str = "sweep processed keys";
+        let blocks: Vec<i64> = sqlx::query_scalar(
+            "DELETE FROM processed_offsets WHERE processed_at < $1 RETURNING mask",
+        )
+        .bind(older_than.timestamp_micros())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db(OP))?;
+        let swept_blocks = batch::keys_in_blocks(&blocks);
         let result = sqlx::query("DELETE FROM processed_keys WHERE processed_at < $1")
             .bind(older_than.timestamp_micros())
             .execute(&self.pool)
             .await
-            .map_err(db("sweep processed keys"))?;
-        Ok(result.rows_affected())
+            .map_err(db(OP))?;
+        Ok(result.rows_affected() + swept_blocks)
     }
 }

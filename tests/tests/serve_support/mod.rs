@@ -296,7 +296,7 @@ impl Scenario {
     /// Messages processed so far (processed-key rows of the binding).
     pub async fn processed(&self) -> usize {
         loop {
-            match sqlx::query("SELECT count(*) AS n FROM processed_keys WHERE binding_id = $1")
+            match sqlx::query("SELECT count(*) AS n FROM processed_key_ids WHERE binding_id = $1")
                 .bind(&self.binding_id)
                 .fetch_one(&self.pool)
                 .await

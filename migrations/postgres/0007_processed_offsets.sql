@@ -1,0 +1,59 @@
+-- Processed keys of position ids kept as bits of offset blocks.
+--
+-- A message without a `message-id` header is named by its position, `topic/partition/offset`.
+-- Its processed key is now one bit of a block row: `mask` has bit `offset % 64` set for each
+-- processed offset of the block `offset / 64` of that binding, topic and partition. A group
+-- commit of a few hundred such messages writes a few dozen block rows instead of a row each;
+-- a row cost PostgreSQL more than anything else Weir asks of it per message
+-- (docs/PERFORMANCE.md). Ids of any other form stay rows of `processed_keys`. Which form an id
+-- takes depends on its text alone (the rule of `store::batch::position`, written again below),
+-- so an id always meets its earlier self.
+--
+-- `processed_at` is the block's last write: the retention sweep drops a block once its newest
+-- bit is older than the retention, so no key is forgotten early.
+CREATE TABLE processed_offsets (
+    binding_id      text COLLATE "C" NOT NULL,
+    topic           text COLLATE "C" NOT NULL,
+    partition       integer          NOT NULL,
+    block           bigint           NOT NULL,
+    mask            bigint           NOT NULL,
+    processed_at    timestamptz      NOT NULL DEFAULT now(),
+    PRIMARY KEY (binding_id, topic, partition, block)
+);
+
+CREATE INDEX processed_offsets_by_age ON processed_offsets (processed_at);
+
+-- Move the position ids already processed into blocks. The pattern and the bounds are
+-- `position`'s: a topic of Kafka's characters, canonical decimals that fit int and bigint.
+CREATE TEMPORARY TABLE processed_positions ON COMMIT DROP AS
+    SELECT binding_id, message_id, processed_at, m[1] AS topic, m[2]::integer AS partition,
+           m[3]::bigint AS "offset"
+    FROM (
+        SELECT binding_id, message_id, processed_at,
+               regexp_match(message_id,
+                   '^([A-Za-z0-9._-]{1,249})/(0|[1-9][0-9]{0,9})/(0|[1-9][0-9]{0,18})$') AS m
+        FROM processed_keys
+    ) candidates
+    WHERE m IS NOT NULL
+      AND m[2]::numeric <= 2147483647
+      AND m[3]::numeric <= 9223372036854775807;
+
+INSERT INTO processed_offsets (binding_id, topic, partition, block, mask, processed_at)
+    SELECT binding_id, topic, partition, "offset" / 64,
+           bit_or((1::bigint) << ("offset" % 64)::integer), max(processed_at)
+    FROM processed_positions
+    GROUP BY binding_id, topic, partition, "offset" / 64;
+
+DELETE FROM processed_keys k
+    USING processed_positions p
+    WHERE k.message_id = p.message_id AND k.binding_id = p.binding_id;
+
+-- Every processed key, whichever form it is kept in: for operators and tests.
+CREATE VIEW processed_key_ids AS
+    SELECT binding_id, message_id, processed_at FROM processed_keys
+    UNION ALL
+    SELECT o.binding_id, o.topic || '/' || o.partition || '/' || (o.block * 64 + bit.n),
+           o.processed_at
+    FROM processed_offsets o
+    CROSS JOIN generate_series(0, 63) AS bit(n)
+    WHERE o.mask & ((1::bigint) << bit.n) <> 0;
