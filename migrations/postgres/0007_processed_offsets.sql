@@ -23,29 +23,13 @@ CREATE TABLE processed_offsets (
 
 CREATE INDEX processed_offsets_by_age ON processed_offsets (processed_at);
 
--- Move the position ids already processed into blocks. The test is `position`'s: a topic of
--- Kafka's characters (at most 249), canonical decimals that fit int and bigint. Lengths are
--- checked apart from the pattern (a bounded repetition such as {1,249} makes PostgreSQL's
--- regular expressions slow). Two scans of the table and no join: the same test picks the rows
--- to copy and the rows to delete.
-INSERT INTO processed_offsets (binding_id, topic, partition, block, mask, processed_at)
-    SELECT binding_id, m[1], m[2]::integer, m[3]::bigint / 64,
-           bit_or((1::bigint) << (m[3]::bigint % 64)::integer), max(processed_at)
-    FROM (
-        SELECT binding_id, processed_at,
-               regexp_match(message_id, '^([A-Za-z0-9._-]+)/(0|[1-9][0-9]*)/(0|[1-9][0-9]*)$')
-                   AS m
-        FROM processed_keys
-        -- Match each id once: without the fence the planner repeats the match for every use.
-        OFFSET 0
-    ) candidates
-    WHERE m IS NOT NULL
-      AND length(m[1]) <= 249
-      AND length(m[2]) <= 10 AND m[2]::numeric <= 2147483647
-      AND length(m[3]) <= 19 AND m[3]::numeric <= 9223372036854775807
-    GROUP BY binding_id, m[1], m[2]::integer, m[3]::bigint / 64;
-
-DELETE FROM processed_keys
+-- Move the position ids already processed into blocks: one statement (one snapshot, one scan)
+-- deletes them and inserts their blocks. The test is `position`'s: a topic of Kafka's
+-- characters (at most 249), canonical decimals that fit int and bigint. Lengths are checked
+-- apart from the pattern (a bounded repetition such as {1,249} makes PostgreSQL's regular
+-- expressions slow).
+WITH moved AS (
+    DELETE FROM processed_keys
     WHERE CASE
         WHEN message_id ~ '^[A-Za-z0-9._-]+/(0|[1-9][0-9]*)/(0|[1-9][0-9]*)$' THEN
             length(split_part(message_id, '/', 1)) <= 249
@@ -54,7 +38,19 @@ DELETE FROM processed_keys
             AND length(split_part(message_id, '/', 3)) <= 19
             AND split_part(message_id, '/', 3)::numeric <= 9223372036854775807
         ELSE false
-    END;
+    END
+    RETURNING binding_id, message_id, processed_at
+), positions AS (
+    SELECT binding_id, processed_at, split_part(message_id, '/', 1) AS topic,
+           split_part(message_id, '/', 2)::integer AS partition,
+           split_part(message_id, '/', 3)::bigint AS "offset"
+    FROM moved
+)
+INSERT INTO processed_offsets (binding_id, topic, partition, block, mask, processed_at)
+    SELECT binding_id, topic, partition, "offset" / 64,
+           bit_or((1::bigint) << ("offset" % 64)::integer), max(processed_at)
+    FROM positions
+    GROUP BY binding_id, topic, partition, "offset" / 64;
 
 -- Every processed key, whichever form it is kept in: for operators and tests.
 CREATE VIEW processed_key_ids AS

@@ -27,7 +27,10 @@ CREATE TEMP TABLE processed_positions AS
                    substr(message_id, 1, instr(message_id, '/') - 1) AS topic,
                    substr(message_id, instr(message_id, '/') + 1) AS rest
             FROM processed_keys
+            -- ASCII and no NUL (SQLite's text functions stop at one): as many bytes as
+            -- characters.
             WHERE instr(message_id, '/') > 0
+              AND length(CAST(message_id AS BLOB)) = length(message_id)
         )
         WHERE instr(rest, '/') > 0
     )

@@ -106,7 +106,7 @@ impl<'a> KeyPlan<'a> {
         // Blocks by key while gathering (a batch mostly repeats a few dozen of them), sorted
         // once at the end.
         let mut index: HashMap<BlockKey<'a>, usize, foldhash::fast::RandomState> =
-            HashMap::default();
+            HashMap::with_capacity_and_hasher(batch.len() / 8, Default::default());
         for completion in batch {
             let key = (&*completion.binding_id, completion.message_id.as_str());
             let Some((topic, partition, offset)) = position(key.1) else {

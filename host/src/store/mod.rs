@@ -14,8 +14,9 @@
 //! JSON documents it does not interpret.
 //!
 //! Choices a caller can rely on:
-//! * **Group commit.** [`Store::commit`] runs a constant number of statements per batch in one
-//!   transaction: the processed keys — a multi-row insert of rows, and one of offset blocks
+//! * **Group commit.** [`Store::commit`] runs a constant number of statements per batch, in one
+//!   transaction (on PostgreSQL a batch that writes nothing but processed keys runs them as
+//!   statements of their own, each atomic): the processed keys — a multi-row insert of rows, and one of offset blocks
 //!   for the message ids that name a Kafka position (below) — at most one keyed-state upsert,
 //!   one keyed-state delete, one outbox insert and one update
 //!   of the DLQ entries the batch replays, and on PostgreSQL a `NOTIFY weir_outbox` (arrays

@@ -110,8 +110,8 @@ impl<'a> BlockColumns<'a> {
     }
 }
 
-/// Set the bits of the blocks none of whose bits is set yet; whether each block was written.
-/// A block where one is set already is left as it is (and stays locked to the end of the
+/// Set the batch's bits of each block where none of them is set yet; whether each block was
+/// written. A block where one of them is set already is left as it is (and stays locked to the end of the
 /// transaction, when `executor` is one).
 async fn mark_new_blocks<'e>(
     executor: impl sqlx::PgExecutor<'e>,
@@ -151,9 +151,9 @@ async fn mark_new_blocks<'e>(
 }
 
 /// Set the bits of `blocks` that are not set yet, whatever others are; the bits set, block by
-/// block. Locks the blocks (creating the missing ones first, so that a concurrent writer of the
-/// same block waits for this transaction), reads them, then writes: one writer at a time
-/// decides which of a block's bits are new.
+/// block. Locks each block (creating a missing one), reading its mask in the same statement,
+/// then writes: a concurrent writer of the same block — or the retention sweep — waits for this
+/// transaction, so one writer at a time decides which of a block's bits are new.
 async fn mark_blocks_settling(
     tx: &mut sqlx::PgConnection,
     blocks: &[(BlockKey<'_>, i64)],
@@ -163,26 +163,14 @@ async fn mark_blocks_settling(
     for (block, mask) in blocks {
         columns.push(block, *mask);
     }
-    sqlx::query(
-        "INSERT INTO processed_offsets (binding_id, topic, partition, block, mask) \
+    // `DO UPDATE` with the mask unchanged: it locks an existing block and returns its latest
+    // mask; a missing one is created empty (and locked as any new row).
+    let before: Vec<(String, String, i32, i64, i64)> = sqlx::query_as(
+        "INSERT INTO processed_offsets AS o (binding_id, topic, partition, block, mask) \
          SELECT b, t, p, k, 0 FROM UNNEST($1::text[], $2::text[], $3::int[], $4::bigint[]) \
                 AS u(b, t, p, k) \
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(&columns.bindings)
-    .bind(&columns.topics)
-    .bind(&columns.partitions)
-    .bind(&columns.blocks)
-    .execute(&mut *tx)
-    .await
-    .map_err(db(OP))?;
-    let before: Vec<(String, String, i32, i64, i64)> = sqlx::query_as(
-        "SELECT o.binding_id, o.topic, o.partition, o.block, o.mask \
-         FROM processed_offsets o \
-         JOIN UNNEST($1::text[], $2::text[], $3::int[], $4::bigint[]) AS u(b, t, p, k) \
-           ON o.binding_id = u.b AND o.topic = u.t AND o.partition = u.p AND o.block = u.k \
-         ORDER BY o.binding_id, o.topic, o.partition, o.block \
-         FOR UPDATE OF o",
+         ON CONFLICT (binding_id, topic, partition, block) DO UPDATE SET mask = o.mask \
+         RETURNING binding_id, topic, partition, block, mask",
     )
     .bind(&columns.bindings)
     .bind(&columns.topics)
