@@ -16,10 +16,10 @@
 //! Choices a caller can rely on:
 //! * **Group commit.** [`Store::commit`] runs a constant number of statements per batch, in one
 //!   transaction (on PostgreSQL a batch that writes nothing but processed keys runs them as
-//!   statements of their own, each atomic): the processed keys — a multi-row insert of rows, and one of offset blocks
-//!   for the message ids that name a Kafka position (below) — at most one keyed-state upsert,
-//!   one keyed-state delete, one outbox insert and one update
-//!   of the DLQ entries the batch replays, and on PostgreSQL a `NOTIFY weir_outbox` (arrays
+//!   statements of their own, each atomic): the processed keys — a multi-row insert of rows,
+//!   and one of offset blocks for the message ids that name a Kafka position (below) — at most
+//!   one keyed-state upsert, one keyed-state delete, one outbox insert and one update of the DLQ
+//!   entries the batch replays, and on PostgreSQL a `NOTIFY weir_outbox` (arrays
 //!   through `UNNEST`, so any batch size; SQLite splits the multi-row `VALUES` lists at its
 //!   bound-parameter limit, one statement per few thousand rows). A completion whose processed
 //!   key already existed, or that repeats an earlier completion of the same batch, is a

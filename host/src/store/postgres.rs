@@ -111,8 +111,8 @@ impl<'a> BlockColumns<'a> {
 }
 
 /// Set the batch's bits of each block where none of them is set yet; whether each block was
-/// written. A block where one of them is set already is left as it is (and stays locked to the end of the
-/// transaction, when `executor` is one).
+/// written. A block where one of them is set already is left as it is (and stays locked to the
+/// end of the transaction, when `executor` is one).
 async fn mark_new_blocks<'e>(
     executor: impl sqlx::PgExecutor<'e>,
     blocks: &[(BlockKey<'_>, i64)],
