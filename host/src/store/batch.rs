@@ -76,6 +76,25 @@ pub(crate) fn keys_in_blocks(masks: &[i64]) -> u64 {
     masks.iter().map(|mask| u64::from(mask.count_ones())).sum()
 }
 
+/// A stored block as both engines read it back: binding id, topic, partition, block, mask.
+pub(crate) type StoredBlock = (String, String, i32, i64, i64);
+
+/// The bits of each of `blocks` that `stored` (the blocks as they were before the write, in
+/// any order; a block missing from it had none) does not have yet.
+pub(crate) fn fresh_bits(blocks: &[(BlockKey<'_>, i64)], stored: &[StoredBlock]) -> Vec<i64> {
+    let before: HashMap<(&str, &str, i32, i64), i64> = stored
+        .iter()
+        .map(|(b, t, p, k, mask)| ((b.as_str(), t.as_str(), *p, *k), *mask))
+        .collect();
+    blocks
+        .iter()
+        .map(|(b, mask)| {
+            let set = before.get(&(b.binding_id, b.topic, b.partition, b.block));
+            mask & !set.copied().unwrap_or(0)
+        })
+        .collect()
+}
+
 /// The row a block of offsets is kept in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) struct BlockKey<'a> {

@@ -101,6 +101,14 @@ struct BlockColumns<'a> {
 }
 
 impl<'a> BlockColumns<'a> {
+    fn of(blocks: &[(BlockKey<'a>, i64)]) -> Self {
+        let mut columns = BlockColumns::default();
+        for (block, mask) in blocks {
+            columns.push(block, *mask);
+        }
+        columns
+    }
+
     fn push(&mut self, block: &BlockKey<'a>, mask: i64) {
         self.bindings.push(block.binding_id);
         self.topics.push(block.topic);
@@ -117,10 +125,7 @@ async fn mark_new_blocks<'e>(
     executor: impl sqlx::PgExecutor<'e>,
     blocks: &[(BlockKey<'_>, i64)],
 ) -> Result<Vec<bool>, StoreError> {
-    let mut columns = BlockColumns::default();
-    for (block, mask) in blocks {
-        columns.push(block, *mask);
-    }
+    let columns = BlockColumns::of(blocks);
     let written: Vec<(String, String, i32, i64)> = sqlx::query_as(
         "INSERT INTO processed_offsets AS p (binding_id, topic, partition, block, mask) \
          SELECT * FROM UNNEST($1::text[], $2::text[], $3::int[], $4::bigint[], $5::bigint[]) \
@@ -159,13 +164,10 @@ async fn mark_blocks_settling(
     blocks: &[(BlockKey<'_>, i64)],
 ) -> Result<Vec<i64>, StoreError> {
     const OP: &str = "commit";
-    let mut columns = BlockColumns::default();
-    for (block, mask) in blocks {
-        columns.push(block, *mask);
-    }
+    let columns = BlockColumns::of(blocks);
     // `DO UPDATE` with the mask unchanged: it locks an existing block and returns its latest
     // mask; a missing one is created empty (and locked as any new row).
-    let before: Vec<(String, String, i32, i64, i64)> = sqlx::query_as(
+    let before: Vec<batch::StoredBlock> = sqlx::query_as(
         "INSERT INTO processed_offsets AS o (binding_id, topic, partition, block, mask) \
          SELECT b, t, p, k, 0 FROM UNNEST($1::text[], $2::text[], $3::int[], $4::bigint[]) \
                 AS u(b, t, p, k) \
@@ -179,20 +181,7 @@ async fn mark_blocks_settling(
     .fetch_all(&mut *tx)
     .await
     .map_err(db(OP))?;
-    let before: std::collections::HashMap<(&str, &str, i32, i64), i64> = before
-        .iter()
-        .map(|(b, t, p, k, mask)| ((b.as_str(), t.as_str(), *p, *k), *mask))
-        .collect();
-    let fresh: Vec<i64> = blocks
-        .iter()
-        .map(|(b, mask)| {
-            let set = before
-                .get(&(b.binding_id, b.topic, b.partition, b.block))
-                .copied()
-                .unwrap_or(0);
-            mask & !set
-        })
-        .collect();
+    let fresh = batch::fresh_bits(blocks, &before);
     let mut updates = BlockColumns::default();
     for ((block, _), fresh) in blocks.iter().zip(&fresh) {
         if *fresh != 0 {

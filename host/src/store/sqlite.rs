@@ -162,8 +162,7 @@ async fn mark_blocks(
     blocks: &[(BlockKey<'_>, i64)],
     processed_at: i64,
 ) -> Result<Vec<i64>, StoreError> {
-    let mut before: std::collections::HashMap<(String, String, i32, i64), i64> =
-        std::collections::HashMap::new();
+    let mut rows: Vec<batch::StoredBlock> = Vec::new();
     for chunk in blocks.chunks(chunk_rows(4)) {
         let mut query: QueryBuilder<Sqlite> = QueryBuilder::new(
             "SELECT binding_id, topic, partition, block, mask FROM processed_offsets \
@@ -182,28 +181,15 @@ async fn mark_blocks(
                 .push_unseparated(")");
         }
         query.push(")");
-        let rows: Vec<(String, String, i32, i64, i64)> = query
-            .build_query_as()
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db(op))?;
-        before.extend(
-            rows.into_iter()
-                .map(|(b, t, p, k, mask)| ((b, t, p, k), mask)),
+        rows.extend(
+            query
+                .build_query_as::<batch::StoredBlock>()
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db(op))?,
         );
     }
-    let fresh: Vec<i64> = blocks
-        .iter()
-        .map(|(block, mask)| {
-            let key = (
-                block.binding_id.to_owned(),
-                block.topic.to_owned(),
-                block.partition,
-                block.block,
-            );
-            mask & !before.get(&key).copied().unwrap_or(0)
-        })
-        .collect();
+    let fresh = batch::fresh_bits(blocks, &rows);
     let writes: Vec<(&BlockKey<'_>, i64)> = blocks
         .iter()
         .zip(&fresh)
