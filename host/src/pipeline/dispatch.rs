@@ -15,7 +15,7 @@
 //! The scheduler bounds what runs, not what waits: the caller bounds the queue by watching
 //! [`KeyScheduler::len`] and pausing intake.
 
-use std::collections::hash_map::RandomState;
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hash};
 use std::num::NonZeroUsize;
@@ -76,38 +76,32 @@ struct LaneKey<P> {
     key: u64,
 }
 
-/// The messages of one lane waiting to run, as a linked list through the node slab.
+/// An occupied lane: one of its messages is ready or out (running or settling), and these wait
+/// behind it, as a linked list through the node slab.
 #[derive(Debug, Clone, Copy)]
 struct Lane {
     head: usize,
     tail: usize,
     len: usize,
-    /// A ticket of this lane is out.
-    busy: bool,
 }
 
-/// Slab node: a queued message and the next node of its lane (or of the free list).
+/// Slab node: a waiting message and the next node of its lane (or of the free list).
 #[derive(Debug)]
 struct Node<M> {
     message: Option<M>,
     next: usize,
 }
 
-/// An entry of the ready queue: a lane whose head may run, or a message with no lane.
-#[derive(Debug)]
-enum Ready<M, P> {
-    Lane(LaneKey<P>),
-    Free(P, M),
-}
-
 const NIL: usize = usize::MAX;
 
 /// The key-ordered dispatcher of one binding. Owned by one task; no locks.
 ///
-/// Invariants: a lane is in the ready queue exactly when it is not busy and has queued messages,
-/// and at most once; a lane exists while it is busy or has queued messages. Queued messages live
-/// in a slab whose nodes are reused, and lanes are removed when they drain, so steady-state
-/// operation does not allocate (the lane map, slab and ready queue keep their capacity).
+/// Invariants: a lane exists exactly while one of its messages is in the ready queue or out as
+/// a ticket — at most one of the two — and its list holds the messages that wait behind that
+/// one. A message that may run sits in the ready queue as the ticket it will be handed out as,
+/// so handing it out touches nothing else; only a message of an occupied lane waits in the slab.
+/// Slab nodes are reused and lanes are removed when they empty, so steady-state operation does
+/// not allocate (the lane map, slab and ready queue keep their capacity).
 #[derive(Debug)]
 pub struct KeyScheduler<M, P = i32> {
     ordering: Ordering,
@@ -116,11 +110,12 @@ pub struct KeyScheduler<M, P = i32> {
     /// Tickets out whose slot was released early: their keys stay occupied.
     settling: usize,
     queued: usize,
-    key_hasher: RandomState,
+    key_hasher: foldhash::fast::RandomState,
     lanes: HashMap<LaneKey<P>, Lane, foldhash::fast::RandomState>,
     nodes: Vec<Node<M>>,
     free: usize,
-    ready: VecDeque<Ready<M, P>>,
+    /// Messages that may run, in the order they became free to.
+    ready: VecDeque<Ticket<M, P>>,
 }
 
 impl<M, P: Copy + Eq + Hash> KeyScheduler<M, P> {
@@ -133,7 +128,7 @@ impl<M, P: Copy + Eq + Hash> KeyScheduler<M, P> {
             in_flight: 0,
             settling: 0,
             queued: 0,
-            key_hasher: RandomState::new(),
+            key_hasher: foldhash::fast::RandomState::default(),
             lanes: HashMap::default(),
             nodes: Vec::new(),
             free: NIL,
@@ -168,26 +163,40 @@ impl<M, P: Copy + Eq + Hash> KeyScheduler<M, P> {
             },
             (Ordering::Partition, _) => LaneKey { partition, key: 0 },
             (Ordering::Key, None) | (Ordering::None, _) => {
-                self.ready.push_back(Ready::Free(partition, message));
+                self.ready.push_back(Ticket {
+                    message,
+                    partition,
+                    lane: None,
+                    slot: true,
+                });
                 return;
             }
         };
-        let node = self.alloc(message);
-        let lane = self.lanes.entry(lane_key).or_insert(Lane {
-            head: NIL,
-            tail: NIL,
-            len: 0,
-            busy: false,
-        });
-        if lane.len == 0 {
-            lane.head = node;
-        } else {
-            self.nodes[lane.tail].next = node;
-        }
-        lane.tail = node;
-        lane.len += 1;
-        if lane.len == 1 && !lane.busy {
-            self.ready.push_back(Ready::Lane(lane_key));
+        match self.lanes.entry(lane_key) {
+            Entry::Vacant(vacant) => {
+                vacant.insert(Lane {
+                    head: NIL,
+                    tail: NIL,
+                    len: 0,
+                });
+                self.ready.push_back(Ticket {
+                    message,
+                    partition,
+                    lane: Some(lane_key),
+                    slot: true,
+                });
+            }
+            Entry::Occupied(mut occupied) => {
+                let lane = occupied.get_mut();
+                let node = alloc(&mut self.nodes, &mut self.free, message);
+                if lane.len == 0 {
+                    lane.head = node;
+                } else {
+                    self.nodes[lane.tail].next = node;
+                }
+                lane.tail = node;
+                lane.len += 1;
+            }
         }
     }
 
@@ -198,41 +207,10 @@ impl<M, P: Copy + Eq + Hash> KeyScheduler<M, P> {
         if self.in_flight >= self.max_in_flight {
             return None;
         }
-        while let Some(ready) = self.ready.pop_front() {
-            let ticket = match ready {
-                Ready::Free(partition, message) => Ticket {
-                    message,
-                    partition,
-                    lane: None,
-                    slot: true,
-                },
-                Ready::Lane(lane_key) => {
-                    let Some(lane) = self.lanes.get_mut(&lane_key) else {
-                        debug_assert!(false, "a ready lane is missing");
-                        continue;
-                    };
-                    debug_assert!(!lane.busy && lane.len > 0, "a ready lane cannot run");
-                    let node = lane.head;
-                    lane.head = self.nodes[node].next;
-                    lane.len -= 1;
-                    lane.busy = true;
-                    let Some(message) = release(&mut self.nodes, &mut self.free, node) else {
-                        debug_assert!(false, "a queued node is empty");
-                        continue;
-                    };
-                    Ticket {
-                        message,
-                        partition: lane_key.partition,
-                        lane: Some(lane_key),
-                        slot: true,
-                    }
-                }
-            };
-            self.in_flight += 1;
-            self.queued -= 1;
-            return Some(ticket);
-        }
-        None
+        let ticket = self.ready.pop_front()?;
+        self.in_flight += 1;
+        self.queued -= 1;
+        Some(ticket)
     }
 
     /// Give a ticket back: its message is done (committed or dead-lettered). Frees its in-flight
@@ -249,13 +227,24 @@ impl<M, P: Copy + Eq + Hash> KeyScheduler<M, P> {
             self.settling = self.settling.saturating_sub(1);
         }
         if let Some(lane_key) = ticket.lane
-            && let Some(lane) = self.lanes.get_mut(&lane_key)
+            && let Entry::Occupied(mut occupied) = self.lanes.entry(lane_key)
         {
-            lane.busy = false;
-            if lane.len > 0 {
-                self.ready.push_back(Ready::Lane(lane_key));
+            let lane = occupied.get_mut();
+            if lane.len == 0 {
+                occupied.remove();
             } else {
-                self.lanes.remove(&lane_key);
+                let node = lane.head;
+                lane.head = self.nodes[node].next;
+                lane.len -= 1;
+                match release(&mut self.nodes, &mut self.free, node) {
+                    Some(message) => self.ready.push_back(Ticket {
+                        message,
+                        partition: lane_key.partition,
+                        lane: Some(lane_key),
+                        slot: true,
+                    }),
+                    None => debug_assert!(false, "a waiting node is empty"),
+                }
             }
         }
         ticket.message
@@ -282,31 +271,38 @@ impl<M, P: Copy + Eq + Hash> KeyScheduler<M, P> {
     /// partition assigned back at once cannot overtake a message still running.
     pub fn revoke(&mut self, partition: P) -> Vec<M> {
         let mut dropped = Vec::new();
-        let nodes = &mut self.nodes;
-        let free = &mut self.free;
-        self.lanes.retain(|lane_key, lane| {
-            if lane_key.partition != partition {
-                return true;
-            }
-            let mut node = lane.head;
-            while lane.len > 0 {
-                let next = nodes[node].next;
-                dropped.extend(release(nodes, free, node));
-                node = next;
-                lane.len -= 1;
-            }
-            lane.head = NIL;
-            lane.tail = NIL;
-            lane.busy
-        });
-        // Rotate the ready queue once, keeping the other partitions' entries in order.
+        // The partition's ready messages go first (each is ahead of its lane's waiting ones);
+        // their lanes have nothing out, so they go with them.
+        let mut idle = Vec::new();
         for _ in 0..self.ready.len() {
             match self.ready.pop_front() {
-                Some(Ready::Free(p, message)) if p == partition => dropped.push(message),
-                Some(Ready::Lane(lane_key)) if lane_key.partition == partition => {}
+                Some(ticket) if ticket.partition == partition => {
+                    idle.extend(ticket.lane);
+                    dropped.push(ticket.message);
+                }
                 Some(other) => self.ready.push_back(other),
                 None => break,
             }
+        }
+        for lane_key in idle {
+            if let Some(lane) = self.lanes.remove(&lane_key) {
+                drain_lane(&mut self.nodes, &mut self.free, lane, &mut dropped);
+            }
+        }
+        // What is left of the partition's lanes has a ticket out: it keeps its key occupied.
+        let nodes = &mut self.nodes;
+        let free = &mut self.free;
+        for (_, lane) in self
+            .lanes
+            .iter_mut()
+            .filter(|(lane_key, _)| lane_key.partition == partition)
+        {
+            drain_lane(nodes, free, *lane, &mut dropped);
+            *lane = Lane {
+                head: NIL,
+                tail: NIL,
+                len: 0,
+            };
         }
         self.queued -= dropped.len();
         dropped
@@ -332,24 +328,22 @@ impl<M, P: Copy + Eq + Hash> KeyScheduler<M, P> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
 
-    /// Store `message` in a slab node, reusing a free one when there is one.
-    fn alloc(&mut self, message: M) -> usize {
-        if self.free == NIL {
-            self.nodes.push(Node {
-                message: Some(message),
-                next: NIL,
-            });
-            self.nodes.len() - 1
-        } else {
-            let node = self.free;
-            self.free = self.nodes[node].next;
-            self.nodes[node] = Node {
-                message: Some(message),
-                next: NIL,
-            };
-            node
-        }
+/// Store `message` in a slab node, reusing a free one when there is one.
+fn alloc<M>(nodes: &mut Vec<Node<M>>, free: &mut usize, message: M) -> usize {
+    let node = Node {
+        message: Some(message),
+        next: NIL,
+    };
+    if *free == NIL {
+        nodes.push(node);
+        nodes.len() - 1
+    } else {
+        let at = *free;
+        *free = nodes[at].next;
+        nodes[at] = node;
+        at
     }
 }
 
@@ -359,6 +353,16 @@ fn release<M>(nodes: &mut [Node<M>], free: &mut usize, node: usize) -> Option<M>
     nodes[node].next = *free;
     *free = node;
     message
+}
+
+/// Move the waiting messages of `lane` to `dropped`, in order, freeing their nodes.
+fn drain_lane<M>(nodes: &mut [Node<M>], free: &mut usize, lane: Lane, dropped: &mut Vec<M>) {
+    let mut node = lane.head;
+    for _ in 0..lane.len {
+        let next = nodes[node].next;
+        dropped.extend(release(nodes, free, node));
+        node = next;
+    }
 }
 
 #[cfg(test)]
@@ -625,6 +629,15 @@ mod tests {
                         let got: BTreeSet<u32> = dropped.iter().copied().collect();
                         prop_assert_eq!(got.len(), dropped.len());
                         prop_assert_eq!(&got, &expected);
+                        // Each key's messages come back in push order.
+                        let mut last: BTreeMap<(u8, Option<u8>), u32> = BTreeMap::new();
+                        for id in &dropped {
+                            if let Some(lane) = m.lane(*id)
+                                && let Some(previous) = last.insert(lane, *id)
+                            {
+                                prop_assert!(previous < *id, "{:?}: {} dropped after {}", lane, id, previous);
+                            }
+                        }
                         for id in got {
                             m.queued.remove(&id);
                             m.revoked.insert(id);

@@ -43,6 +43,7 @@ pub mod intake;
 pub mod offsets;
 pub mod rate_limit;
 pub mod retry;
+pub mod slots;
 pub mod trace;
 pub mod worker;
 

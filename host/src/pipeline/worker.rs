@@ -103,6 +103,7 @@ use super::intake::{Batch, Control, ErrorReport, IntakeContext, PauseSwitch, int
 use super::offsets::PartitionOffsets;
 use super::rate_limit::TenantLimiter;
 use super::retry::{Decision, FailureKind, JitterRng};
+use super::slots::Slots;
 use super::trace::TraceContext;
 use crate::config::PipelineConfig;
 use crate::metrics::{BindingMetrics, Metrics};
@@ -725,8 +726,8 @@ struct Coordinator {
     context: InvocationContext,
     scheduler: KeyScheduler<Pending, Part>,
     offsets: PartitionOffsets<Part>,
-    tickets: HashMap<u64, Ticket<Pending, Part>, foldhash::fast::RandomState>,
-    next_slot: u64,
+    /// The dispatched messages' tickets, by slot: a slot names a message from dispatch to done.
+    tickets: Slots<Ticket<Pending, Part>>,
     /// The slots a dispatch round starts (kept for its capacity).
     starting: Vec<u64>,
     /// Worker threads of the runtime: the most tasks a dispatch round's invocations run on.
@@ -975,8 +976,7 @@ impl Coordinator {
             )),
             context,
             offsets: PartitionOffsets::default(),
-            tickets: HashMap::default(),
-            next_slot: 0,
+            tickets: Slots::default(),
             starting: Vec::new(),
             workers: tokio::runtime::Handle::current()
                 .metrics()
@@ -1327,9 +1327,7 @@ impl Coordinator {
                 }
                 return;
             };
-            let slot = self.next_slot;
-            self.next_slot += 1;
-            self.tickets.insert(slot, ticket);
+            let slot = self.tickets.insert(ticket);
             if let Admission::Probe(token) = admission {
                 self.probes.insert(slot, token);
             }
@@ -1404,14 +1402,14 @@ impl Coordinator {
     fn abandon_parked(&mut self, which: impl Fn(Part) -> bool) {
         let mut kept = VecDeque::with_capacity(self.parked.len());
         while let Some(slot) = self.parked.pop_front() {
-            let Some(ticket) = self.tickets.get(&slot) else {
+            let Some(ticket) = self.tickets.get(slot) else {
                 continue;
             };
             if !which(ticket.message().part) {
                 kept.push_back(slot);
                 continue;
             }
-            if let Some(ticket) = self.tickets.remove(&slot) {
+            if let Some(ticket) = self.tickets.remove(slot) {
                 let pending = self.scheduler.finish(ticket);
                 if let Some(entry) = pending.replay_of {
                     self.replays.remove(&entry);
@@ -1600,7 +1598,7 @@ impl Coordinator {
         &mut self,
         slot: u64,
     ) -> Option<tracing::instrument::Instrumented<impl Future<Output = ()> + Send + 'static>> {
-        let ticket = self.tickets.get(&slot)?;
+        let ticket = self.tickets.get(slot)?;
         let message = ticket.message().message.clone();
         let replay_of = ticket.message().replay_of;
         self.running += 1;
@@ -1775,7 +1773,7 @@ impl Coordinator {
                 self.on_breaker(transition, true);
                 // Its work is done: free the in-flight slot for other keys; the key itself
                 // stays occupied until the commit.
-                if let Some(ticket) = self.tickets.get_mut(&slot) {
+                if let Some(ticket) = self.tickets.get_mut(slot) {
                     self.scheduler.release_slot(ticket);
                 }
                 if self.batch.is_empty() {
@@ -1790,7 +1788,7 @@ impl Coordinator {
                 result,
             } => self.on_committed(seq, slots, completions, result),
             Done::Rerun { slot, next_attempt } => {
-                if next_attempt && let Some(ticket) = self.tickets.get_mut(&slot) {
+                if next_attempt && let Some(ticket) = self.tickets.get_mut(slot) {
                     let pending = ticket.message_mut();
                     let mut message = (*pending.message).clone();
                     message.attempt += 1;
@@ -1843,7 +1841,7 @@ impl Coordinator {
                 let probe = self.probes.remove(&slot);
                 let transition = self.breaker.record(outcome, probe, Instant::now());
                 self.on_breaker(transition, true);
-                if !self.tickets.contains_key(&slot) {
+                if !self.tickets.contains(slot) {
                     return;
                 }
                 if outcome == BreakerOutcome::Failure
@@ -1857,7 +1855,7 @@ impl Coordinator {
                     self.park(slot);
                     return;
                 }
-                let Some(ticket) = self.tickets.get_mut(&slot) else {
+                let Some(ticket) = self.tickets.get_mut(slot) else {
                     return;
                 };
                 let pending = ticket.message_mut();
@@ -2133,7 +2131,7 @@ impl Coordinator {
     /// (not a replay's, whose timestamp is its first delivery's).
     fn release_all(&mut self, slots: &[u64], committed_at: Option<i64>) {
         for slot in slots {
-            let Some(ticket) = self.tickets.remove(slot) else {
+            let Some(ticket) = self.tickets.remove(*slot) else {
                 continue;
             };
             let pending = self.scheduler.finish(ticket);
