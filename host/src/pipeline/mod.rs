@@ -30,7 +30,7 @@
 //! retried and committed like any message, except that it has no offset to store.
 //!
 //! This module holds the pipeline's pure core — [`offsets`], [`dispatch`], [`retry`],
-//! [`breaker`] and the token bucket of [`rate_limit`]:
+//! [`breaker`], the worker's ticket table [`slots`] and the token bucket of [`rate_limit`]:
 //! synchronous data structures, each owned by one task, with no locks, no I/O and no clock.
 //! They know nothing of Kafka, PostgreSQL or wasmtime, so they are tested in isolation (with
 //! property tests) and cost little on the hot path. The stages that do I/O drive them.

@@ -460,13 +460,27 @@ impl Drop for FailUnlessAnswered<'_> {
 
 /// The id of a message: its `message-id` header, else `topic/partition/offset`.
 pub fn message_id(topic: &str, partition: i32, offset: i64, headers: &[Header]) -> String {
-    if let Some(id) = headers
+    let mut id = String::new();
+    write_message_id(&mut id, topic, partition, offset, headers);
+    id
+}
+
+/// Append [`message_id`] to `id` (a buffer reused from message to message).
+pub fn write_message_id(
+    id: &mut String,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    headers: &[Header],
+) {
+    if let Some(header) = headers
         .iter()
         .find(|h| h.key == "message-id")
         .and_then(|h| std::str::from_utf8(&h.value).ok())
         .filter(|id| !id.is_empty())
     {
-        return id.to_owned();
+        id.push_str(header);
+        return;
     }
     // Written by hand, once per message: `format!` cost 3 % of the host's CPU here, most of it
     // growing the string as it went.
@@ -475,13 +489,12 @@ pub fn message_id(topic: &str, partition: i32, offset: i64, headers: &[Header]) 
         partition_digits.format(partition),
         offset_digits.format(offset),
     );
-    let mut id = String::with_capacity(topic.len() + partition.len() + offset.len() + 2);
+    id.reserve(topic.len() + partition.len() + offset.len() + 2);
     id.push_str(topic);
     id.push('/');
     id.push_str(partition);
     id.push('/');
     id.push_str(offset);
-    id
 }
 
 /// The stable id of the `index`-th record emitted while handling `message_id` in `binding`.
@@ -535,6 +548,7 @@ impl Worker {
         // The breaker's own switch: an operator's pause (`self.pause`) is not undone when the
         // breaker closes.
         let breaker_pause = PauseSwitch::default();
+        let (spent_tx, spent) = std::sync::mpsc::channel();
         let intake = {
             let consumer = consumer.clone();
             let stop = stop_intake.clone();
@@ -545,12 +559,21 @@ impl Worker {
             std::thread::Builder::new()
                 .name(format!("weir-intake-{binding}"))
                 .spawn(move || {
-                    intake_loop(&consumer, &batches_tx, &runtime, &stop, &switches, &stats)
+                    intake_loop(
+                        &consumer,
+                        &batches_tx,
+                        &runtime,
+                        &stop,
+                        &switches,
+                        &stats,
+                        &spent,
+                    )
                 })
                 .map_err(|e| consumer_error(format!("cannot start the intake thread: {e}")))?
         };
 
-        let mut coordinator = Coordinator::new(&self, consumer.clone(), breaker_pause, metrics);
+        let mut coordinator =
+            Coordinator::new(&self, consumer.clone(), breaker_pause, metrics, spent_tx);
         // Reports are taken from the channel in runs: the bookkeeping after them (commit,
         // replays, breaker, dispatch) then runs once per run, not once per message.
         let mut dones: Vec<Done> = Vec::with_capacity(DONES_PER_TURN);
@@ -734,6 +757,8 @@ struct Coordinator {
     workers: usize,
     batch: Vec<(u64, Completion)>,
     batch_started: Option<Instant>,
+    /// Hands messages done with back to the intake for reuse.
+    spent: std::sync::mpsc::Sender<Vec<Arc<Message>>>,
     done_tx: mpsc::UnboundedSender<Done>,
     done_rx: mpsc::UnboundedReceiver<Done>,
     jitter: JitterRng,
@@ -940,6 +965,7 @@ impl Coordinator {
         consumer: Arc<BaseConsumer<IntakeContext>>,
         breaker_pause: PauseSwitch,
         metrics: BindingMetrics,
+        spent: std::sync::mpsc::Sender<Vec<Arc<Message>>>,
     ) -> Self {
         let spec = Arc::new(worker.spec.clone());
         let context = InvocationContext {
@@ -984,6 +1010,7 @@ impl Coordinator {
                 .max(1),
             batch: Vec::new(),
             batch_started: None,
+            spent,
             done_tx,
             done_rx,
             jitter: JitterRng::from_entropy(),
@@ -1053,7 +1080,10 @@ impl Coordinator {
         }
         let mut consumed = 0;
         for mut message in batch.messages {
-            message.tenant.clone_from(&self.spec.tenant);
+            // The handle is the only one: this writes in place (into a reused buffer).
+            Arc::make_mut(&mut message)
+                .tenant
+                .clone_from(&self.spec.tenant);
             let part = (self.topic_index(&message.topic), message.partition as i32);
             let offset = message.offset as i64;
             if let Err(e) = self.offsets.track(part, offset) {
@@ -1061,7 +1091,6 @@ impl Coordinator {
                 continue;
             }
             consumed += 1;
-            let message = Arc::new(message);
             // A second handle on the message lends the scheduler its key: no copy of it.
             let keyed = message.clone();
             let pending = Pending {
@@ -2130,26 +2159,39 @@ impl Coordinator {
     /// committed then: each one's end-to-end latency is observed from its record's timestamp
     /// (not a replay's, whose timestamp is its first delivery's).
     fn release_all(&mut self, slots: &[u64], committed_at: Option<i64>) {
+        let mut spent = Vec::new();
         for slot in slots {
             let Some(ticket) = self.tickets.remove(*slot) else {
                 continue;
             };
-            let pending = self.scheduler.finish(ticket);
-            if let (Some(now_ms), None, Some(timestamp)) = (
-                committed_at,
-                pending.replay_of,
-                pending.message.timestamp_ms,
-            ) {
+            let Pending {
+                mut message,
+                part,
+                offset,
+                replay_of,
+                ..
+            } = self.scheduler.finish(ticket);
+            if let (Some(now_ms), None, Some(timestamp)) =
+                (committed_at, replay_of, message.timestamp_ms)
+            {
                 let elapsed_ms = now_ms.saturating_sub(timestamp).max(0);
                 self.metrics.end_to_end.observe(elapsed_ms as f64 / 1000.0);
             }
-            if let Some(entry) = pending.replay_of {
+            // The last handle goes back to the intake, to be filled with another record.
+            if Arc::get_mut(&mut message).is_some() {
+                spent.push(message);
+            }
+            if let Some(entry) = replay_of {
                 // Not a record of the assignment: no offset to complete.
                 self.replays.remove(&entry);
                 continue;
             }
             // An error means the partition was revoked meanwhile: nothing to store.
-            let _ = self.offsets.complete(pending.part, pending.offset);
+            let _ = self.offsets.complete(part, offset);
+        }
+        if !spent.is_empty() {
+            // The intake has stopped if this fails: the messages are freed here.
+            let _ = self.spent.send(spent);
         }
         let mut list = TopicPartitionList::new();
         for ((topic, partition), next) in self.offsets.take_committable() {
