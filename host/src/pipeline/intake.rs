@@ -102,12 +102,29 @@ pub struct Batch {
 /// that arena's lock).
 pub type Spent = std::sync::mpsc::Receiver<Vec<Arc<Message>>>;
 
-/// Messages the intake keeps for reuse, at most; more are freed.
-const REUSE_MAX: usize = 1024;
+/// Messages the intake keeps for reuse, at most; more are freed. As many as a worker holds
+/// pending, so that the messages of a steady stream circulate without being freed. The intake
+/// keeps them only while records keep coming: a poll that returns none frees them all.
+const REUSE_MAX: usize = super::worker::DEFAULT_MAX_PENDING;
 
-/// A message whose payload buffer grew beyond this is freed rather than kept for reuse, so a
-/// few large records do not pin their memory.
-const REUSE_PAYLOAD_MAX: usize = 16 * 1024;
+/// A message whose buffers grew beyond this many bytes in all is freed rather than kept, so a
+/// few large records do not pin their memory: what a binding keeps for reuse stays under
+/// 32 MiB (4 096 × 8 KiB), and under 5 MiB for records of 1 KiB.
+const REUSE_BYTES_MAX: usize = 8 * 1024;
+
+/// The bytes a message's buffers hold.
+fn retained(message: &Message) -> usize {
+    message.id.capacity()
+        + message.topic.capacity()
+        + message.key.as_ref().map_or(0, Vec::capacity)
+        + message.payload.capacity()
+        + message
+            .headers
+            .iter()
+            .map(|h| h.key.capacity() + h.value.capacity())
+            .sum::<usize>()
+        + message.tenant.capacity()
+}
 
 /// A rebalance, as the coordinator learns of it.
 pub enum Control {
@@ -375,7 +392,7 @@ pub fn intake_loop(
         }
         while let Ok(mut done) = spent.try_recv() {
             let room = REUSE_MAX.saturating_sub(reuse.len());
-            done.retain(|m| m.payload.capacity() <= REUSE_PAYLOAD_MAX);
+            done.retain(|m| retained(m) <= REUSE_BYTES_MAX);
             done.truncate(room);
             reuse.append(&mut done);
         }
@@ -396,6 +413,8 @@ pub fn intake_loop(
             wait = Duration::ZERO;
         }
         if received.is_empty() {
+            // Idle (or paused): nothing to fill them with soon.
+            reuse = Vec::new();
             continue;
         }
         stats.clear_kafka_error();
