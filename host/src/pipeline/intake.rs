@@ -104,20 +104,27 @@ pub type Spent = std::sync::mpsc::Receiver<Vec<Arc<Message>>>;
 
 /// Messages the intake keeps for reuse, at most; more are freed. As many as a worker holds
 /// pending, so that the messages of a steady stream circulate without being freed. The intake
-/// keeps them only while records keep coming: a poll that returns none frees them all.
+/// keeps them only while records keep coming: after [`REUSE_IDLE`] without one, it frees them.
 const REUSE_MAX: usize = super::worker::DEFAULT_MAX_PENDING;
 
-/// A message whose buffers grew beyond this many bytes in all is freed rather than kept, so a
-/// few large records do not pin their memory: what a binding keeps for reuse stays under
-/// 32 MiB (4 096 × 8 KiB), and under 5 MiB for records of 1 KiB.
+/// How long the intake keeps messages for reuse while no record comes (idle, or paused longer
+/// than a moment of backpressure).
+const REUSE_IDLE: Duration = Duration::from_secs(1);
+
+/// A message that holds more than this many bytes in all (see [`retained`]) is freed rather
+/// than kept, so a few large records do not pin their memory: what a binding keeps for reuse
+/// stays under 32 MiB (4 096 × 8 KiB), about 5 MiB for records of 1 KiB.
 const REUSE_BYTES_MAX: usize = 8 * 1024;
 
-/// The bytes a message's buffers hold.
+/// The bytes a message holds: the message itself, its buffers and its header list (whose
+/// capacity stays when a record with fewer headers is written into it).
 fn retained(message: &Message) -> usize {
-    message.id.capacity()
+    std::mem::size_of::<Message>()
+        + message.id.capacity()
         + message.topic.capacity()
         + message.key.as_ref().map_or(0, Vec::capacity)
         + message.payload.capacity()
+        + message.headers.capacity() * std::mem::size_of::<Header>()
         + message
             .headers
             .iter()
@@ -358,6 +365,7 @@ pub fn intake_loop(
     let context = consumer.context();
     let mut held: Option<Batch> = None;
     let mut reuse: Vec<Arc<Message>> = Vec::new();
+    let mut last_record = std::time::Instant::now();
     let mut lag_sampled = std::time::Instant::now();
     while !stop.load(Ordering::Relaxed) {
         // Hand over what is held; wait a little for room before pausing.
@@ -413,10 +421,12 @@ pub fn intake_loop(
             wait = Duration::ZERO;
         }
         if received.is_empty() {
-            // Idle (or paused): nothing to fill them with soon.
-            reuse = Vec::new();
+            if !reuse.is_empty() && last_record.elapsed() >= REUSE_IDLE {
+                reuse = Vec::new();
+            }
             continue;
         }
+        last_record = std::time::Instant::now();
         stats.clear_kafka_error();
         stats
             .consumed
@@ -583,6 +593,33 @@ fn to_message(record: &BorrowedMessage<'_>, reused: Option<Arc<Message>>) -> Arc
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_message_counts_its_header_list_even_when_its_headers_are_empty() {
+        let mut message = Message {
+            id: String::new(),
+            topic: String::new(),
+            partition: 0,
+            offset: 0,
+            key: None,
+            payload: Vec::new(),
+            headers: Vec::new(),
+            timestamp_ms: None,
+            tenant: String::new(),
+            attempt: 1,
+        };
+        assert!(retained(&message) <= REUSE_BYTES_MAX);
+        // Headers with no name and no value (a producer may send thousands), then a record
+        // with none written over them: the list keeps its capacity.
+        message.headers = (0..1000)
+            .map(|_| Header {
+                key: String::new(),
+                value: Vec::new(),
+            })
+            .collect();
+        message.headers.truncate(0);
+        assert!(retained(&message) > REUSE_BYTES_MAX);
+    }
 
     /// Records of every shape, one after another, each written into the buffers of the message
     /// before it: what comes out is what a fresh message would hold, in the same memory.
