@@ -521,24 +521,27 @@ fn set_paused(consumer: &BaseConsumer<IntakeContext>, paused: bool) {
     }
 }
 
+/// A message with nothing in it, to write a first record into.
+fn empty_message() -> Message {
+    Message {
+        id: String::new(),
+        topic: String::new(),
+        partition: 0,
+        offset: 0,
+        key: None,
+        payload: Vec::new(),
+        headers: Vec::new(),
+        timestamp_ms: None,
+        tenant: String::new(),
+        attempt: 1,
+    }
+}
+
 /// A received record as the handler sees it (the tenant is filled in by the coordinator),
 /// written into `reused`'s buffers when given one (a message done with, whose handle is the
 /// only one).
 fn to_message(record: &BorrowedMessage<'_>, reused: Option<Arc<Message>>) -> Arc<Message> {
-    let mut handle = reused.unwrap_or_else(|| {
-        Arc::new(Message {
-            id: String::new(),
-            topic: String::new(),
-            partition: 0,
-            offset: 0,
-            key: None,
-            payload: Vec::new(),
-            headers: Vec::new(),
-            timestamp_ms: None,
-            tenant: String::new(),
-            attempt: 1,
-        })
-    });
+    let mut handle = reused.unwrap_or_else(|| Arc::new(empty_message()));
     let Some(message) = Arc::get_mut(&mut handle) else {
         // Not the only handle after all: leave it to its other owners.
         return to_message(record, None);
@@ -596,18 +599,7 @@ mod tests {
 
     #[test]
     fn a_message_counts_its_header_list_even_when_its_headers_are_empty() {
-        let mut message = Message {
-            id: String::new(),
-            topic: String::new(),
-            partition: 0,
-            offset: 0,
-            key: None,
-            payload: Vec::new(),
-            headers: Vec::new(),
-            timestamp_ms: None,
-            tenant: String::new(),
-            attempt: 1,
-        };
+        let mut message = empty_message();
         assert!(retained(&message) <= REUSE_BYTES_MAX);
         // Headers with no name and no value (a producer may send thousands), then a record
         // with none written over them: the list keeps its capacity.
