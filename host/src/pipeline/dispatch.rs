@@ -51,6 +51,16 @@ pub struct Ticket<M, P = i32> {
 }
 
 impl<M, P: Copy> Ticket<M, P> {
+    /// A message ready to be handed out: it holds an in-flight slot once it is.
+    fn ready(message: M, partition: P, lane: Option<LaneKey<P>>) -> Self {
+        Self {
+            message,
+            partition,
+            lane,
+            slot: true,
+        }
+    }
+
     /// The message to run.
     pub fn message(&self) -> &M {
         &self.message
@@ -83,6 +93,15 @@ struct Lane {
     head: usize,
     tail: usize,
     len: usize,
+}
+
+impl Lane {
+    /// A lane with nothing waiting.
+    const EMPTY: Self = Self {
+        head: NIL,
+        tail: NIL,
+        len: 0,
+    };
 }
 
 /// Slab node: a waiting message and the next node of its lane (or of the free list).
@@ -163,28 +182,16 @@ impl<M, P: Copy + Eq + Hash> KeyScheduler<M, P> {
             },
             (Ordering::Partition, _) => LaneKey { partition, key: 0 },
             (Ordering::Key, None) | (Ordering::None, _) => {
-                self.ready.push_back(Ticket {
-                    message,
-                    partition,
-                    lane: None,
-                    slot: true,
-                });
+                self.ready
+                    .push_back(Ticket::ready(message, partition, None));
                 return;
             }
         };
         match self.lanes.entry(lane_key) {
             Entry::Vacant(vacant) => {
-                vacant.insert(Lane {
-                    head: NIL,
-                    tail: NIL,
-                    len: 0,
-                });
-                self.ready.push_back(Ticket {
-                    message,
-                    partition,
-                    lane: Some(lane_key),
-                    slot: true,
-                });
+                vacant.insert(Lane::EMPTY);
+                self.ready
+                    .push_back(Ticket::ready(message, partition, Some(lane_key)));
             }
             Entry::Occupied(mut occupied) => {
                 let lane = occupied.get_mut();
@@ -237,12 +244,11 @@ impl<M, P: Copy + Eq + Hash> KeyScheduler<M, P> {
                 lane.head = self.nodes[node].next;
                 lane.len -= 1;
                 match release(&mut self.nodes, &mut self.free, node) {
-                    Some(message) => self.ready.push_back(Ticket {
+                    Some(message) => self.ready.push_back(Ticket::ready(
                         message,
-                        partition: lane_key.partition,
-                        lane: Some(lane_key),
-                        slot: true,
-                    }),
+                        lane_key.partition,
+                        Some(lane_key),
+                    )),
                     None => debug_assert!(false, "a waiting node is empty"),
                 }
             }
@@ -298,11 +304,7 @@ impl<M, P: Copy + Eq + Hash> KeyScheduler<M, P> {
             .filter(|(lane_key, _)| lane_key.partition == partition)
         {
             drain_lane(nodes, free, *lane, &mut dropped);
-            *lane = Lane {
-                head: NIL,
-                tail: NIL,
-                len: 0,
-            };
+            *lane = Lane::EMPTY;
         }
         self.queued -= dropped.len();
         dropped

@@ -102,6 +102,9 @@ pub struct Batch {
 /// that arena's lock).
 pub type Spent = std::sync::mpsc::Receiver<Vec<Arc<Message>>>;
 
+/// The coordinator's end of [`Spent`].
+pub type GiveBack = std::sync::mpsc::Sender<Vec<Arc<Message>>>;
+
 /// Messages the intake keeps for reuse, at most; more are freed. As many as a worker holds
 /// pending, so that the messages of a steady stream circulate without being freed. The intake
 /// keeps them only while records keep coming: after [`REUSE_IDLE`] without one, it frees them.

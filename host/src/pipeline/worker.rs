@@ -99,7 +99,9 @@ use super::breaker::{
 };
 use super::dispatch::{KeyScheduler, Ticket};
 use super::handler::{HandlerReader, HandlerSlot};
-use super::intake::{Batch, Control, ErrorReport, IntakeContext, PauseSwitch, intake_loop};
+use super::intake::{
+    Batch, Control, ErrorReport, GiveBack, IntakeContext, PauseSwitch, intake_loop,
+};
 use super::offsets::PartitionOffsets;
 use super::rate_limit::TenantLimiter;
 use super::retry::{Decision, FailureKind, JitterRng};
@@ -758,7 +760,7 @@ struct Coordinator {
     batch: Vec<(u64, Completion)>,
     batch_started: Option<Instant>,
     /// Hands messages done with back to the intake for reuse.
-    spent: std::sync::mpsc::Sender<Vec<Arc<Message>>>,
+    spent: GiveBack,
     done_tx: mpsc::UnboundedSender<Done>,
     done_rx: mpsc::UnboundedReceiver<Done>,
     jitter: JitterRng,
@@ -965,7 +967,7 @@ impl Coordinator {
         consumer: Arc<BaseConsumer<IntakeContext>>,
         breaker_pause: PauseSwitch,
         metrics: BindingMetrics,
-        spent: std::sync::mpsc::Sender<Vec<Arc<Message>>>,
+        spent: GiveBack,
     ) -> Self {
         let spec = Arc::new(worker.spec.clone());
         let context = InvocationContext {
